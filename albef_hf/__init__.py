@@ -1,0 +1,1 @@
+"""ALBEF (Align before Fuse) as a native Hugging Face transformers model family."""

@@ -1,0 +1,1 @@
+"""Data: synthetic world, training transforms, dataset readers and collators."""
