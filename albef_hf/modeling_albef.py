@@ -1,0 +1,955 @@
+"""PyTorch ALBEF models: the image encoder, the shared base class and the contrastive models.
+
+Module names map the original checkpoints simply: `visual_encoder.*` -> `vision_model.*` (same timm
+names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions.*` -> `mlm_head.*`;
+`vision_proj`, `text_proj`, `itm_head` and `temp` keep their names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_albef import AlbefConfig, AlbefVisionConfig
+from .losses import (
+    contrastive_targets,
+    distilled_targets,
+    itc_loss,
+    mask_tokens,
+    mlm_loss,
+    sample_hard_negatives,
+)
+from .modeling_albef_text import AlbefMLMHead, AlbefTextEncoderOutput, AlbefTextModel, attention_forward
+
+__all__ = [
+    "AlbefForImageTextRetrieval",
+    "AlbefForPreTraining",
+    "AlbefModel",
+    "AlbefOutput",
+    "AlbefPreTrainedModel",
+    "AlbefPreTrainingOutput",
+    "AlbefRankingOutput",
+    "AlbefRetrievalOutput",
+    "AlbefTeacherOutput",
+    "AlbefVisionModel",
+    "interpolate_pos_embed",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Resize ViT position embeddings `(1, 1 + n, dim)` to `num_patches` patch positions.
+
+    The class-token embedding is kept; the patch grid is resized bicubically (align_corners=False), as the
+    original ALBEF does when it changes resolution (256 px pretraining -> 384 px fine-tuning).
+    """
+    old_size = int((pos_embed.shape[1] - 1) ** 0.5)
+    new_size = int(num_patches**0.5)
+    if old_size**2 != pos_embed.shape[1] - 1 or new_size**2 != num_patches:
+        raise ValueError(
+            f"position embeddings must cover a square grid, got {pos_embed.shape[1] - 1} -> {num_patches}"
+        )
+    if old_size == new_size:
+        return pos_embed
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, old_size, old_size, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new_size, new_size), mode="bicubic", align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+class AlbefPatchEmbed(nn.Module):
+    """Non-overlapping patches projected by a strided convolution."""
+
+    def __init__(self, config: AlbefVisionConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)
+
+
+class AlbefVisionAttention(nn.Module):
+    """Multi-head self-attention with a fused query/key/value projection (timm's `attn.qkv`)."""
+
+    def __init__(self, config: AlbefVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch, length, _ = hidden_states.shape
+        qkv = (
+            self.qkv(hidden_states)
+            .view(batch, length, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        output, probs = attention_forward(
+            self,
+            self.config._attn_implementation,
+            qkv[0],
+            qkv[1],
+            qkv[2],
+            None,
+            self.scaling,
+            self.dropout_prob if self.training else 0.0,
+            output_attentions,
+        )
+        return self.proj(output.reshape(batch, length, -1)), probs
+
+
+class AlbefVisionMlp(nn.Module):
+    def __init__(self, config: AlbefVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class AlbefVisionBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+
+    def __init__(self, config: AlbefVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = AlbefVisionAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = AlbefVisionMlp(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        attended, probs = self.attn(self.norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.norm2(hidden_states)))
+        return hidden_states, probs
+
+
+@dataclass
+class AlbefVisionOutput(ModelOutput):
+    """Output of `AlbefVisionModel`.
+
+    Args:
+        last_hidden_state: `(batch, 1 + num_patches, hidden)` tokens after the final LayerNorm, [CLS] first.
+        hidden_states: when asked, the input of every block plus the final output (before the LayerNorm).
+        attentions: when asked, `(batch, heads, 1 + num_patches, 1 + num_patches)` probabilities per block.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class AlbefVisionModel(nn.Module):
+    """ViT image encoder with a class token, learned position embeddings and a final LayerNorm."""
+
+    def __init__(self, config: AlbefVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = AlbefPatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.blocks = nn.ModuleList([AlbefVisionBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> AlbefVisionOutput:
+        """Encode `(batch, channels, height, width)` images.
+
+        `interpolate_pos_encoding=True` runs the model at another square resolution by resizing the
+        position embeddings on the fly (bicubic, as the original's `interpolate_pos_embed`).
+        """
+        _check_pixel_values(pixel_values, self.config, interpolate_pos_encoding)
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        patches = self.patch_embed(pixel_values)
+        pos_embed = self.pos_embed
+        if interpolate_pos_encoding:
+            pos_embed = interpolate_pos_embed(pos_embed, patches.shape[1])
+        hidden_states = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        hidden_states = self.pos_drop(hidden_states + pos_embed)
+
+        all_hidden = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for block in self.blocks:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, probs = block(hidden_states, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions.append(probs)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return AlbefVisionOutput(
+            last_hidden_state=self.norm(hidden_states),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, config: AlbefVisionConfig, interpolate: bool) -> None:
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"pixel_values must be (batch, {config.num_channels}, height, width), got {tuple(pixel_values.shape)}"
+        )
+    height, width = pixel_values.shape[-2:]
+    if interpolate:
+        if height != width or height % config.patch_size:
+            raise ValueError(
+                f"interpolate_pos_encoding needs a square image whose side is a multiple of the patch size "
+                f"{config.patch_size}, got {height}x{width}"
+            )
+    elif height != config.image_size or width != config.image_size:
+        raise ValueError(
+            f"input image size {height}x{width} does not match the model ({config.image_size}x{config.image_size}); "
+            "resize it with the processor or pass interpolate_pos_encoding=True"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlbefOutput(ModelOutput):
+    """Output of `AlbefModel`.
+
+    Args:
+        loss: in-batch ITC loss, when `return_loss=True`.
+        logits_per_image: `(num_images, num_texts)` ITC similarities divided by the temperature.
+        logits_per_text: `(num_texts, num_images)`, the transpose.
+        image_feat: `(num_images, embed_dim)` projected, L2-normalised image [CLS] features.
+        text_feat: `(num_texts, embed_dim)` projected, L2-normalised text [CLS] features.
+        image_embeds: `(num_images, 1 + num_patches, vision_hidden)` image tokens.
+        text_embeds: `(num_texts, seq_len, text_hidden)` unimodal text tokens.
+        vision_attentions, text_attentions: attention maps when asked.
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_feat: torch.Tensor | None = None
+    text_feat: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    vision_attentions: tuple[torch.Tensor, ...] | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class AlbefTeacherOutput(ModelOutput):
+    """What the momentum teacher contributes to a student's loss (computed without gradient).
+
+    Args:
+        image_feat: `(batch, embed_dim)` teacher image features of the batch.
+        text_feat: `(batch, embed_dim)` teacher text features of the batch.
+        mlm_logits: `(num_masked, vocab)` teacher MLM scores at the masked positions (pretraining only).
+    """
+
+    image_feat: torch.Tensor | None = None
+    text_feat: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+
+
+@dataclass
+class AlbefRetrievalOutput(ModelOutput):
+    """Output of `AlbefForImageTextRetrieval` (and the ITC/ITM part of `AlbefForPreTraining`).
+
+    Args:
+        loss: `loss_itc + loss_itm` (weighted by the config) when losses are computed.
+        loss_itc, loss_itm: the two objectives.
+        itm_logits: without loss, `(batch, 2)` ITM logits of the given pairs; with loss, `(3 * batch, 2)` logits
+            of `[positives; (negative image, text); (image, negative text)]`.
+        itm_labels: `(3 * batch,)` labels of those pairs when losses are computed (1 = match).
+        logits_per_image: `(batch, num_candidates)` image->text similarities over the temperature, against the
+            batch's texts (teacher features when a teacher is given) followed by the queue.
+        logits_per_text: `(batch, num_candidates)` text->image similarities, likewise.
+        image_feat, text_feat: `(batch, embed_dim)` projected, normalised student features.
+        image_embeds: `(batch, 1 + num_patches, vision_hidden)` image tokens.
+        text_embeds: `(batch, seq_len, text_hidden)` unimodal text tokens.
+        negative_images, negative_texts: `(batch,)` indices of the sampled negatives.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_itc: torch.Tensor | None = None
+    loss_itm: torch.Tensor | None = None
+    itm_logits: torch.Tensor | None = None
+    itm_labels: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    image_feat: torch.Tensor | None = None
+    text_feat: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    negative_images: torch.Tensor | None = None
+    negative_texts: torch.Tensor | None = None
+
+
+@dataclass
+class AlbefRankingOutput(ModelOutput):
+    """Output of `AlbefForImageTextRetrieval.rank`.
+
+    Args:
+        sims: `(num_images, num_texts)` ITC cosine similarities.
+        scores_i2t: `(num_images, num_texts)` ITM "match" logits of each image's top-k texts, -100 elsewhere.
+        scores_t2i: `(num_texts, num_images)` ITM "match" logits of each text's top-k images, -100 elsewhere.
+    """
+
+    sims: torch.Tensor | None = None
+    scores_i2t: torch.Tensor | None = None
+    scores_t2i: torch.Tensor | None = None
+
+
+@dataclass
+class AlbefPreTrainingOutput(AlbefRetrievalOutput):
+    """Output of `AlbefForPreTraining`: the fields of `AlbefRetrievalOutput` plus MLM.
+
+    Args:
+        loss: `loss_itc + loss_itm + loss_mlm` (weighted by the config).
+        loss_mlm: the masked-language-modelling loss.
+        mlm_logits: `(num_masked, vocab)` scores at the masked positions (row-major order of
+            `mlm_labels != -100`).
+        mlm_input_ids, mlm_labels: `(batch, seq_len)` masked ids and labels that were used (drawn by the model
+            when not given).
+    """
+
+    loss_mlm: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+    mlm_input_ids: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Base classes
+# ----------------------------------------------------------------------------------------------
+
+
+class AlbefPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, attention back-ends and the encoders shared by every ALBEF model."""
+
+    config_class = AlbefConfig
+    base_model_prefix = "albef"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = False
+    _no_split_modules = ["AlbefVisionBlock", "AlbefTextLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, AlbefVisionModel):
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.pos_embed, std=std)
+        elif isinstance(module, AlbefMLMHead):
+            init.zeros_(module.bias)
+        if isinstance(getattr(module, "temp", None), nn.Parameter):
+            init.constant_(module.temp, self.config.temp)
+
+    def _build_encoders(self, config: AlbefConfig) -> None:
+        self.vision_model = AlbefVisionModel(config.vision_config)
+        self.text_encoder = AlbefTextModel(config.text_config)
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> AlbefVisionOutput:
+        """Image tokens `(batch, 1 + num_patches, vision_hidden)` (in `.last_hidden_state`)."""
+        return self.vision_model(
+            pixel_values,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> AlbefTextEncoderOutput:
+        """Unimodal text tokens `(batch, seq_len, text_hidden)`: the text-only layers."""
+        return self.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mode="text",
+            output_attentions=output_attentions,
+        )
+
+    def fuse(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> AlbefTextEncoderOutput:
+        """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens."""
+        return self.text_encoder(
+            hidden_states=text_embeds,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            mode="fusion",
+            output_attentions=output_attentions,
+        )
+
+
+class AlbefContrastiveMixin:
+    """Projections, temperature and ITC helpers of the models that align images and texts."""
+
+    def _build_projections(self, config: AlbefConfig) -> None:
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+
+    def clamped_temp(self) -> torch.Tensor:
+        """The temperature clamped to `[config.temp_min, config.temp_max]`, as the original uses it."""
+        return self.temp.clamp(self.config.temp_min, self.config.temp_max)
+
+    def project_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Projected, L2-normalised `(batch, embed_dim)` features of image tokens' [CLS]."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def project_text(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Projected, L2-normalised `(batch, embed_dim)` features of text tokens' [CLS]."""
+        return F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> torch.Tensor:
+        """Projected, L2-normalised image features `(batch, embed_dim)`."""
+        image_embeds = self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.project_image(image_embeds.last_hidden_state)
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected, L2-normalised text features `(batch, embed_dim)`."""
+        return self.project_text(self.encode_text(input_ids, attention_mask).last_hidden_state)
+
+    def get_multimodal_features(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Multimodal [CLS] features `(batch, text_hidden)` of image-text pairs (the ITM head's input)."""
+        image_embeds = self.encode_image(pixel_values).last_hidden_state
+        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        return self.fuse(text_embeds, attention_mask, image_embeds).last_hidden_state[:, 0, :]
+
+
+class AlbefMatchingMixin(AlbefContrastiveMixin):
+    """ITC + hard-negative ITM, shared by pretraining and retrieval fine-tuning.
+
+    The momentum teacher and the queues are not part of the model: a trainer passes them in.
+    """
+
+    def _build_itm_head(self, config: AlbefConfig) -> None:
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+
+    def itm_logits(self, text_embeds, attention_mask, image_embeds) -> torch.Tensor:
+        """ITM logits `(batch, 2)` of aligned (image, text) token pairs; column 1 is "match"."""
+        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds).last_hidden_state[:, 0, :])
+
+    def _itc_and_itm(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        idx: torch.Tensor | None,
+        teacher_outputs: AlbefTeacherOutput | None,
+        image_queue: torch.Tensor | None,
+        text_queue: torch.Tensor | None,
+        idx_queue: torch.Tensor | None,
+        alpha: float,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None,
+        generator: torch.Generator | None,
+    ) -> AlbefRetrievalOutput:
+        batch_size = image_embeds.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones(text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device)
+        image_feat = self.project_image(image_embeds)
+        text_feat = self.project_text(text_embeds)
+        temp = self.clamped_temp()
+
+        if teacher_outputs is None:
+            if image_queue is not None or text_queue is not None:
+                raise ValueError(
+                    "feature queues hold momentum features: pass `teacher_outputs` with the queues"
+                )
+            image_candidates, text_candidates = image_feat, text_feat
+        else:
+            image_candidates = _cat_queue(teacher_outputs.image_feat, image_queue)
+            text_candidates = _cat_queue(teacher_outputs.text_feat, text_queue)
+        sim_i2t = image_feat @ text_candidates.T / temp
+        sim_t2i = text_feat @ image_candidates.T / temp
+
+        idx_candidates = None
+        if idx is not None:
+            idx_candidates = idx if idx_queue is None else torch.cat([idx.view(-1), idx_queue.view(-1)])
+        targets = contrastive_targets(
+            batch_size, sim_i2t.shape[1], idx, idx_candidates, device=sim_i2t.device
+        )
+        targets_i2t = targets_t2i = targets
+        if teacher_outputs is not None and alpha > 0:
+            with torch.no_grad():
+                teacher_temp = temp.detach()
+                teacher_i2t = teacher_outputs.image_feat @ text_candidates.T / teacher_temp
+                teacher_t2i = teacher_outputs.text_feat @ image_candidates.T / teacher_temp
+                targets_i2t = distilled_targets(targets, teacher_i2t, alpha)
+                targets_t2i = distilled_targets(targets, teacher_t2i, alpha)
+        loss_itc = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+
+        if hard_negatives is None:
+            hard_negatives = sample_hard_negatives(
+                sim_i2t, sim_t2i, idx=idx, hard=self.config.hard_negatives, generator=generator
+            )
+        negative_images, negative_texts = (t.to(image_embeds.device) for t in hard_negatives)
+        fused_text = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]])
+        fused_mask = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
+        fused_image = torch.cat([image_embeds, image_embeds[negative_images], image_embeds])
+        itm_logits = self.itm_logits(fused_text, fused_mask, fused_image)
+        itm_labels = torch.cat(
+            [
+                torch.ones(batch_size, dtype=torch.long, device=itm_logits.device),
+                torch.zeros(2 * batch_size, dtype=torch.long, device=itm_logits.device),
+            ]
+        )
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
+
+        return AlbefRetrievalOutput(
+            loss=self.config.itc_weight * loss_itc + self.config.itm_weight * loss_itm,
+            loss_itc=loss_itc,
+            loss_itm=loss_itm,
+            itm_logits=itm_logits,
+            itm_labels=itm_labels,
+            logits_per_image=sim_i2t,
+            logits_per_text=sim_t2i,
+            image_feat=image_feat,
+            text_feat=text_feat,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            negative_images=negative_images,
+            negative_texts=negative_texts,
+        )
+
+    @torch.no_grad()
+    def compute_teacher_outputs(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> AlbefTeacherOutput:
+        """Run this model as the momentum teacher of a student: features (and MLM scores) without gradient."""
+        image_embeds = self.encode_image(pixel_values).last_hidden_state
+        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        return AlbefTeacherOutput(
+            image_feat=self.project_image(image_embeds), text_feat=self.project_text(text_embeds)
+        )
+
+
+def _cat_queue(batch_feat: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
+    return batch_feat if queue is None else torch.cat([batch_feat, queue.to(batch_feat.dtype)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class AlbefModel(AlbefContrastiveMixin, AlbefPreTrainedModel):
+    """ALBEF's unimodal encoders, projections and fusion encoder, with CLIP-style contrastive logits.
+
+    `forward` returns `logits_per_image` / `logits_per_text` (ITC similarities over the temperature), so the
+    model serves `AutoModelForZeroShotImageClassification` and the zero-shot-image-classification pipeline.
+
+    Example:
+        >>> model = AlbefModel.from_pretrained(path)
+        >>> out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        >>> probs = out.logits_per_image.softmax(dim=-1)
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: AlbefConfig) -> None:
+        super().__init__(config)
+        self._build_encoders(config)
+        self._build_projections(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlbefOutput | tuple:
+        """ITC similarities of every image against every text.
+
+        Args:
+            input_ids: `(num_texts, seq_len)` token ids.
+            pixel_values: `(num_images, channels, height, width)` processed images.
+            attention_mask: `(num_texts, seq_len)` padding mask.
+            return_loss: also return the symmetric in-batch ITC loss (needs num_images == num_texts).
+            output_attentions: return attention maps of both encoders (eager attention).
+            interpolate_pos_encoding: run at another resolution by resizing the position embeddings.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("AlbefModel needs both `input_ids` and `pixel_values`")
+        output_attentions = bool(output_attentions)
+        vision = self.encode_image(pixel_values, output_attentions, interpolate_pos_encoding)
+        text = self.encode_text(input_ids, attention_mask, output_attentions)
+        image_feat = self.project_image(vision.last_hidden_state)
+        text_feat = self.project_text(text.last_hidden_state)
+        logits_per_image = image_feat @ text_feat.T / self.clamped_temp()
+        loss = None
+        if return_loss:
+            if logits_per_image.shape[0] != logits_per_image.shape[1]:
+                raise ValueError("return_loss needs as many images as texts (pair i is image i with text i)")
+            targets = torch.eye(logits_per_image.shape[0], device=logits_per_image.device)
+            loss = itc_loss(logits_per_image, logits_per_image.T, targets, targets)
+        output = AlbefOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.T,
+            image_feat=image_feat,
+            text_feat=text_feat,
+            image_embeds=vision.last_hidden_state,
+            text_embeds=text.last_hidden_state,
+            vision_attentions=vision.attentions,
+            text_attentions=text.attentions,
+        )
+        return output if _use_return_dict(self, return_dict) else output.to_tuple()
+
+
+class AlbefForImageTextRetrieval(AlbefMatchingMixin, AlbefPreTrainedModel):
+    """ALBEF for image-text retrieval and matching: ITC scores, ITM scores, and ITC+ITM fine-tuning.
+
+    Without `return_loss`, `forward` scores the given (image i, text i) pairs with the ITM head and returns the
+    ITC similarity matrix of the batch. With `return_loss=True` it computes the retrieval fine-tuning losses:
+    ITC (targets from the image ids `idx` when given, distilled from a momentum teacher when `teacher_outputs`
+    and `alpha` are given, against the feature queues when given) and ITM with hard negatives.
+    `rank` implements the original evaluation: rank by ITC, re-rank the top k with ITM.
+    """
+
+    def __init__(self, config: AlbefConfig) -> None:
+        super().__init__(config)
+        self._build_encoders(config)
+        self._build_projections(config)
+        self._build_itm_head(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        teacher_outputs: AlbefTeacherOutput | None = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        idx_queue: torch.Tensor | None = None,
+        alpha: float = 0.0,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlbefRetrievalOutput | tuple:
+        """Score pairs, or compute the ITC + ITM fine-tuning losses.
+
+        Args:
+            pixel_values: `(batch, channels, height, width)` images; image i pairs with text i.
+            input_ids, attention_mask: `(batch, seq_len)` texts.
+            idx: `(batch,)` image ids; texts of the same image are all positives in ITC and never negatives in ITM.
+            return_loss: compute the losses (default: when `idx` is given).
+            teacher_outputs: momentum features of this batch (`compute_teacher_outputs` of the teacher).
+            image_queue, text_queue: `(queue_size, embed_dim)` momentum features of earlier batches.
+            idx_queue: `(queue_size,)` image ids of the queued features (-100 for empty slots... any id that
+                never occurs).
+            alpha: distillation weight of the teacher's similarity distribution (0 = hard targets).
+            hard_negatives: `(negative image per text, negative text per image)` to use instead of drawing them.
+            generator: `torch.Generator` for the negative draw.
+        """
+        _check_pair_batch(pixel_values, input_ids)
+        image_embeds = self.encode_image(pixel_values).last_hidden_state
+        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        return_loss = idx is not None if return_loss is None else return_loss
+        if return_loss:
+            output = self._itc_and_itm(
+                image_embeds,
+                text_embeds,
+                attention_mask,
+                idx,
+                teacher_outputs,
+                image_queue,
+                text_queue,
+                idx_queue,
+                alpha,
+                hard_negatives,
+                generator,
+            )
+        else:
+            image_feat, text_feat = self.project_image(image_embeds), self.project_text(text_embeds)
+            logits_per_image = image_feat @ text_feat.T / self.clamped_temp()
+            output = AlbefRetrievalOutput(
+                itm_logits=self.itm_logits(text_embeds, attention_mask, image_embeds),
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.T,
+                image_feat=image_feat,
+                text_feat=text_feat,
+                image_embeds=image_embeds,
+                text_embeds=text_embeds,
+            )
+        return output if _use_return_dict(self, return_dict) else output.to_tuple()
+
+    @torch.no_grad()
+    def rank(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+        batch_size: int = 128,
+        image_rows: slice | None = None,
+        text_rows: slice | None = None,
+    ) -> AlbefRankingOutput:
+        """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
+
+        For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
+        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
+
+        Args:
+            image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
+            text_embeds: `(num_texts, seq_len, text_hidden)` from `encode_text`.
+            text_attention_mask: `(num_texts, seq_len)` padding mask of the texts.
+            k: candidates re-ranked per query (the original uses 256 on COCO, 128 on Flickr30K).
+            batch_size: image-text pairs per ITM forward.
+            image_rows, text_rows: only score these query rows (to split the work across processes); the other
+                rows stay -100.
+        """
+        num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(
+                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
+            )
+        sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
+        scores_i2t = sims.new_full((num_images, num_texts), -100.0)
+        scores_t2i = sims.new_full((num_texts, num_images), -100.0)
+
+        def rerank(scores, query_sims, rows, pair_of):
+            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
+            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
+            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
+            candidates = top.reshape(-1)
+            for start in range(0, queries.numel(), batch_size):
+                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
+                image_index, text_index = pair_of(q, c)
+                logits = self.itm_logits(
+                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
+                )
+                scores[q, c] = logits[:, 1].to(scores.dtype)
+
+        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
+        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
+        return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
+
+
+class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
+    """ALBEF with its three pretraining objectives: ITC, ITM with hard negatives, and MLM.
+
+    `model(pixel_values, input_ids, attention_mask, return_loss=True)` computes the losses with in-batch
+    contrast and hard labels. A trainer that keeps a momentum teacher and feature queues passes
+    `teacher_outputs` (from the teacher's `compute_teacher_outputs`), `image_queue`/`text_queue` and `alpha`
+    to get momentum distillation exactly as in the original (see `AlbefTrainer`). MLM masking is drawn here
+    unless `mlm_input_ids`/`mlm_labels` are given (the data collator normally draws them).
+    """
+
+    def __init__(self, config: AlbefConfig) -> None:
+        super().__init__(config)
+        self._build_encoders(config)
+        self._build_projections(config)
+        self._build_itm_head(config)
+        self.mlm_head = AlbefMLMHead(config.text_config)
+        self.post_init()
+
+    def draw_mlm_masks(
+        self, input_ids: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked ids and labels for MLM (never [PAD] or [CLS], as in the original)."""
+        text_config = self.config.text_config
+        return mask_tokens(
+            input_ids,
+            text_config.vocab_size,
+            text_config.mask_token_id,
+            (text_config.pad_token_id, text_config.cls_token_id),
+            self.config.mlm_probability,
+            generator=generator,
+        )
+
+    def mlm_logits_at(
+        self,
+        mlm_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_embeds: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MLM scores: `(batch, seq_len, vocab)`, or `(num_selected, vocab)` at the boolean `positions` only.
+
+        Scoring only the masked positions avoids the vocabulary projection of every other token.
+        """
+        states = self.text_encoder(
+            input_ids=mlm_input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            mode="multimodal",
+        ).last_hidden_state
+        if positions is not None:
+            states = states[positions]
+        return self.mlm_head(states, self.text_encoder.embeddings.word_embeddings.weight)
+
+    @torch.no_grad()
+    def compute_teacher_outputs(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> AlbefTeacherOutput:
+        """Momentum-teacher outputs: image/text features and, with MLM inputs, MLM scores at masked positions."""
+        image_embeds = self.encode_image(pixel_values).last_hidden_state
+        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        mlm_scores = None
+        if mlm_input_ids is not None and self.config.mlm_weight > 0:
+            if mlm_labels is None:
+                raise ValueError(
+                    "the teacher needs `mlm_labels` with `mlm_input_ids` (they say which tokens to score)"
+                )
+            mlm_scores = self.mlm_logits_at(mlm_input_ids, attention_mask, image_embeds, mlm_labels != -100)
+        return AlbefTeacherOutput(
+            image_feat=self.project_image(image_embeds),
+            text_feat=self.project_text(text_embeds),
+            mlm_logits=mlm_scores,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        idx: torch.Tensor | None = None,
+        return_loss: bool | None = True,
+        teacher_outputs: AlbefTeacherOutput | None = None,
+        image_queue: torch.Tensor | None = None,
+        text_queue: torch.Tensor | None = None,
+        idx_queue: torch.Tensor | None = None,
+        alpha: float = 0.0,
+        hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlbefPreTrainingOutput | tuple:
+        """Compute the pretraining losses (ITC + ITM + MLM) of a batch of image-text pairs.
+
+        Args:
+            pixel_values: `(batch, channels, height, width)` images; image i pairs with text i.
+            input_ids, attention_mask: `(batch, seq_len)` texts.
+            mlm_input_ids, mlm_labels: `(batch, seq_len)` masked ids and labels (-100 = not masked); drawn with
+                `generator` when absent.
+            idx: optional `(batch,)` image ids (texts of one image are all positives).
+            return_loss: must be true; the losses are what this model computes (use `AlbefModel` or
+                `AlbefForImageTextRetrieval` for inference).
+            teacher_outputs: the momentum teacher's outputs for this batch (with MLM scores at the same masks).
+            image_queue, text_queue, idx_queue: feature queues `(queue_size, embed_dim)` / ids `(queue_size,)`.
+            alpha: distillation weight (0 = no distillation).
+            hard_negatives: pre-drawn `(negative image per text, negative text per image)`.
+            generator: `torch.Generator` for the hard-negative and MLM draws.
+        """
+        if return_loss is False:
+            raise ValueError(
+                "AlbefForPreTraining computes the pretraining losses; use AlbefModel for inference"
+            )
+        _check_pair_batch(pixel_values, input_ids)
+        image_embeds = self.encode_image(pixel_values).last_hidden_state
+        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        matching = self._itc_and_itm(
+            image_embeds,
+            text_embeds,
+            attention_mask,
+            idx,
+            teacher_outputs,
+            image_queue,
+            text_queue,
+            idx_queue,
+            alpha,
+            hard_negatives,
+            generator,
+        )
+        output = AlbefPreTrainingOutput(**matching)
+        if self.config.mlm_weight > 0:
+            if mlm_input_ids is None:
+                mlm_input_ids, mlm_labels = self.draw_mlm_masks(input_ids, generator)
+            elif mlm_labels is None:
+                raise ValueError("`mlm_labels` must be given with `mlm_input_ids`")
+            masked = mlm_labels != -100
+            scores = self.mlm_logits_at(mlm_input_ids, attention_mask, image_embeds, masked)
+            teacher_scores = teacher_outputs.mlm_logits if teacher_outputs is not None else None
+            if masked.any():
+                output.loss_mlm = mlm_loss(scores, mlm_labels[masked], teacher_scores, alpha)
+            else:  # nothing masked in this batch: a zero that keeps the graph
+                output.loss_mlm = scores.sum() * 0.0
+            output.mlm_logits = scores
+            output.mlm_input_ids, output.mlm_labels = mlm_input_ids, mlm_labels
+            output.loss = output.loss + self.config.mlm_weight * output.loss_mlm
+        return output if _use_return_dict(self, return_dict) else output.to_tuple()
+
+
+def _check_pair_batch(pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
+    if pixel_values is None or input_ids is None:
+        raise ValueError("image-text pairs need both `pixel_values` and `input_ids`")
+    if pixel_values.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"image i pairs with text i: got {pixel_values.shape[0]} images and {input_ids.shape[0]} texts"
+        )
+
+
+def _use_return_dict(model: PreTrainedModel, return_dict: bool | None) -> bool:
+    return return_dict if return_dict is not None else model.config.return_dict

@@ -1,0 +1,421 @@
+"""The BERT-style text side of ALBEF: text layers, fusion layers with cross-attention, and the MLM head.
+
+Parameter names follow BERT (`embeddings.*`, `encoder.layer.N.attention.self.query`, ...), so a BERT
+checkpoint initialises the text layers, and the original ALBEF `text_encoder.bert.*` keys map onto
+`text_encoder.*` one to one. Layers from `config.fusion_layer` on carry a `crossattention` block that
+reads the image tokens (key/value width `config.encoder_width`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_albef import AlbefTextConfig
+
+__all__ = [
+    "AlbefMLMHead",
+    "AlbefTextEncoderOutput",
+    "AlbefTextModel",
+    "attention_forward",
+    "padding_mask",
+]
+
+TextMode = str  # "text" | "fusion" | "multimodal"
+
+
+def padding_mask(attention_mask: torch.Tensor | None, causal: bool = False, query_length: int | None = None):
+    """Turn a `(batch, key_len)` 0/1 padding mask into a boolean `(batch, 1, q_len or 1, key_len)` mask.
+
+    `True` means "may attend". With `causal=True` each query position also only sees keys at or before it
+    (the keys are assumed to end with the queries, as in cached decoding).
+    Returns `None` when nothing is masked, which lets SDPA pick its fastest kernel.
+    """
+    if attention_mask is None and not causal:
+        return None
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, None, None, :].bool()
+        if not causal and bool(mask.all()):
+            return None
+    if causal:
+        key_length = attention_mask.shape[-1] if attention_mask is not None else query_length
+        query_length = query_length if query_length is not None else key_length
+        offset = key_length - query_length
+        device = attention_mask.device if attention_mask is not None else None
+        rows = torch.arange(query_length, device=device)[:, None] + offset
+        causal_mask = rows >= torch.arange(key_length, device=device)[None, :]
+        mask = causal_mask[None, None] if mask is None else mask & causal_mask[None, None]
+    return mask
+
+
+def _eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1)
+    output = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
+    return output.transpose(1, 2), probs
+
+
+def attention_forward(
+    module: nn.Module,
+    implementation: str | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention through the transformers attention interface.
+
+    `query/key/value` are `(batch, heads, len, head_dim)`; the output is `(batch, q_len, heads, head_dim)`
+    and the attention probabilities `(batch, heads, q_len, k_len)` when they are asked for. Maps need the
+    eager path (SDPA never materialises them), so asking for them switches this call to eager.
+    """
+    if output_attentions or implementation in (None, "eager"):
+        return _eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    interface = ALL_ATTENTION_FUNCTIONS[implementation]
+    output, _ = interface(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False
+    )
+    return output, None
+
+
+class AlbefTextEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm and dropout, as in BERT."""
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        past_length: int = 0,
+    ) -> torch.Tensor:
+        seq_length = input_ids.shape[1]
+        positions = torch.arange(past_length, past_length + seq_length, device=input_ids.device)
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if token_type_ids is None:
+            embeddings = embeddings + self.token_type_embeddings.weight[0]
+        else:
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class AlbefTextSelfAttention(nn.Module):
+    """Query/key/value projections of a self- or cross-attention block (BERT names)."""
+
+    def __init__(self, config: AlbefTextConfig, is_cross_attention: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # masks are always explicit
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value heads `(batch, heads, len, head_dim)` of `states`."""
+        return self._heads(self.key(states)), self._heads(self.value(states))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = self._heads(self.query(hidden_states))
+        key, value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
+        output, probs = attention_forward(
+            self,
+            self.config._attn_implementation,
+            query,
+            key,
+            value,
+            attention_mask,
+            self.scaling,
+            self.dropout_prob if self.training else 0.0,
+            output_attentions,
+        )
+        return output.reshape(*hidden_states.shape[:-1], -1), probs
+
+
+class AlbefTextResidualOutput(nn.Module):
+    """Projection back to the hidden size, dropout, residual and LayerNorm (post-norm, as in BERT)."""
+
+    def __init__(self, config: AlbefTextConfig, input_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class AlbefTextAttention(nn.Module):
+    """A self- or cross-attention block: `self` (projections) and `output` (dense + LayerNorm)."""
+
+    def __init__(self, config: AlbefTextConfig, is_cross_attention: bool = False) -> None:
+        super().__init__()
+        self.self = AlbefTextSelfAttention(config, is_cross_attention)
+        self.output = AlbefTextResidualOutput(config, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, probs = self.self(hidden_states, attention_mask, key_value_states, output_attentions)
+        return self.output(attended, hidden_states), probs
+
+
+class AlbefTextIntermediate(nn.Module):
+    """First half of the feed-forward block: dense + activation."""
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states))
+
+
+class AlbefTextLayer(GradientCheckpointingLayer):
+    """A BERT layer; from `config.fusion_layer` on, cross-attention to the image follows the self-attention."""
+
+    def __init__(self, config: AlbefTextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention = AlbefTextAttention(config)
+        self.has_cross_attention = layer_idx >= config.fusion_layer
+        if self.has_cross_attention:
+            self.crossattention = AlbefTextAttention(config, is_cross_attention=True)
+        self.intermediate = AlbefTextIntermediate(config)
+        self.output = AlbefTextResidualOutput(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        hidden_states, self_probs = self.attention(hidden_states, attention_mask, None, output_attentions)
+        cross_probs = None
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError(
+                    f"text layer {self.layer_idx} is a fusion layer and needs the image embeddings"
+                )
+            hidden_states, cross_probs = self.crossattention(
+                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions
+            )
+        return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
+
+
+@dataclass
+class AlbefTextEncoderOutput(ModelOutput):
+    """Output of `AlbefTextModel`.
+
+    Args:
+        last_hidden_state: `(batch, seq_len, hidden)` states after the last layer that ran.
+        hidden_states: when asked, the input of every layer that ran plus the final output.
+        attentions: when asked, self-attention probabilities `(batch, heads, seq_len, seq_len)` per layer.
+        cross_attentions: when asked, cross-attention probabilities `(batch, heads, seq_len, image_len)` per
+            fusion layer that ran.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class AlbefTextEncoder(nn.Module):
+    """The stack of text and fusion layers (`encoder.layer.N`, as in BERT)."""
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([AlbefTextLayer(config, i) for i in range(config.num_hidden_layers)])
+
+
+class AlbefTextModel(nn.Module):
+    """BERT embeddings and layers, run in one of the three modes of ALBEF.
+
+    - `"text"`: embeddings and the text-only layers `[0, fusion_layer)`: the unimodal text encoder;
+    - `"fusion"`: the fusion layers `[fusion_layer, N)` on given text states (`hidden_states`) with
+      cross-attention to `encoder_hidden_states`: the multimodal encoder;
+    - `"multimodal"`: both in sequence, from token ids (MLM, VQA).
+    """
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = AlbefTextEmbeddings(config)
+        self.encoder = AlbefTextEncoder(config)
+
+    def _layer_range(self, mode: TextMode) -> range:
+        fusion_layer, num_layers = self.config.fusion_layer, self.config.num_hidden_layers
+        ranges = {
+            "text": range(fusion_layer),
+            "fusion": range(fusion_layer, num_layers),
+            "multimodal": range(num_layers),
+        }
+        if mode not in ranges:
+            raise ValueError(f"mode must be one of {sorted(ranges)}, got {mode!r}")
+        return ranges[mode]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        mode: TextMode = "multimodal",
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> AlbefTextEncoderOutput:
+        """Run the layers of `mode`.
+
+        Args:
+            input_ids: `(batch, seq_len)` token ids; needed unless `mode="fusion"`.
+            attention_mask: `(batch, seq_len)` 1 for tokens, 0 for padding.
+            token_type_ids: optional `(batch, seq_len)` segment ids (zeros by default).
+            hidden_states: `(batch, seq_len, hidden)` text states to fuse; only with `mode="fusion"`.
+            encoder_hidden_states: image tokens `(batch, image_len, encoder_width)` read by the cross-attention;
+                a list of several images makes fusion layer `i` read image `(i - fusion_layer) % len(list)`
+                (the NLVR2 model).
+            encoder_attention_mask: `(batch, image_len)` mask of the image tokens (all valid by default), or one
+                per image when a list of images is given.
+            mode: `"text"`, `"fusion"` or `"multimodal"` (see the class docstring).
+            output_attentions: return attention probabilities (runs the eager attention path).
+            output_hidden_states: return the input of every layer that ran and the final output.
+        """
+        layers = self._layer_range(mode)
+        if mode == "fusion":
+            if hidden_states is None:
+                raise ValueError('mode="fusion" needs `hidden_states` (the output of mode="text")')
+        else:
+            if input_ids is None:
+                raise ValueError(f"mode={mode!r} needs `input_ids`")
+            hidden_states = self.embeddings(input_ids, token_type_ids)
+        self_mask = padding_mask(
+            attention_mask, causal=self.config.is_decoder, query_length=hidden_states.shape[1]
+        )
+
+        images, image_masks = _as_image_list(encoder_hidden_states, encoder_attention_mask)
+        image_masks = [padding_mask(mask) for mask in image_masks]
+
+        all_hidden = [] if output_hidden_states else None
+        all_self, all_cross = ([], []) if output_attentions else (None, None)
+        for index in layers:
+            layer = self.encoder.layer[index]
+            image = image_mask = None
+            if layer.has_cross_attention and images:
+                which = (index - self.config.fusion_layer) % len(images)
+                image, image_mask = images[which], image_masks[which]
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, self_probs, cross_probs = layer(
+                hidden_states, self_mask, image, image_mask, output_attentions=output_attentions
+            )
+            if output_attentions:
+                all_self.append(self_probs)
+                if cross_probs is not None:
+                    all_cross.append(cross_probs)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return AlbefTextEncoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_self) if output_attentions else None,
+            cross_attentions=tuple(all_cross) if output_attentions else None,
+        )
+
+
+def _as_image_list(
+    images: torch.Tensor | Sequence[torch.Tensor] | None,
+    masks: torch.Tensor | Sequence[torch.Tensor | None] | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    if images is None:
+        return [], []
+    if isinstance(images, torch.Tensor):
+        return [images], [masks]
+    images = list(images)
+    masks = [None] * len(images) if masks is None else list(masks)
+    if len(masks) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(masks)} image attention masks")
+    return images, masks
+
+
+class AlbefPredictionHeadTransform(nn.Module):
+    """Dense + activation + LayerNorm before the vocabulary projection (BERT's `transform`)."""
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.activation(self.dense(hidden_states)))
+
+
+class AlbefMLMHead(nn.Module):
+    """BERT's masked-language-modelling head whose output projection is the word-embedding matrix.
+
+    The decoder weight is not a parameter of its own: the head multiplies by the embedding matrix it is
+    given, so the two stay tied through saving, loading and conversion without any tying machinery.
+    """
+
+    def __init__(self, config: AlbefTextConfig) -> None:
+        super().__init__()
+        self.transform = AlbefPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits `(..., vocab)` for `hidden_states` `(..., hidden)`."""
+        return F.linear(self.transform(hidden_states), word_embeddings, self.bias)
