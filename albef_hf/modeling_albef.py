@@ -374,6 +374,19 @@ class AlbefPreTrainedModel(PreTrainedModel):
         if isinstance(getattr(module, "temp", None), nn.Parameter):
             init.constant_(module.temp, self.config.temp)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, recording every ALBEF Auto class of this module in `auto_map`.
+
+        transformers records only the saved model's own Auto class; with all of them, a folder written by one
+        ALBEF model loads as any other (`AutoModel`, `AutoModelForPreTraining`, ...) with `trust_remote_code`.
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                **_module_auto_map(type(self)),
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _build_encoders(self, config: AlbefConfig) -> None:
         self.vision_model = AlbefVisionModel(config.vision_config)
         self.text_encoder = AlbefTextModel(config.text_config)
@@ -940,6 +953,21 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
             output.mlm_input_ids, output.mlm_labels = mlm_input_ids, mlm_labels
             output.loss = output.loss + self.config.mlm_weight * output.loss_mlm
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
+
+
+def _module_auto_map(model_class: type) -> dict[str, str]:
+    module = model_class.__module__
+    auto_map = {"AutoConfig": f"{AlbefConfig.__module__.split('.')[-1]}.{AlbefConfig.__name__}"}
+    for cls in _subclasses(AlbefPreTrainedModel):
+        if cls.__module__ == module and cls._auto_class is not None:
+            auto_map[cls._auto_class] = f"{module.split('.')[-1]}.{cls.__name__}"
+    if "AutoModel" in auto_map:  # the base model also serves zero-shot image classification
+        auto_map["AutoModelForZeroShotImageClassification"] = auto_map["AutoModel"]
+    return auto_map
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _check_pair_batch(pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:
