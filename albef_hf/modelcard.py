@@ -1,0 +1,135 @@
+"""Model cards for ALBEF checkpoints: Hub metadata (tags, pipeline tag, license, metrics) and a README body.
+
+One function builds every card the package writes (the Trainer's, the converter's, the demo's), so that
+they look alike and validate as Hub card metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+__all__ = ["AlbefCardInfo", "build_model_card", "save_model_card"]
+
+CITATION = """@inproceedings{li2021align,
+  title={Align before Fuse: Vision and Language Representation Learning with Momentum Distillation},
+  author={Junnan Li and Ramprasaath R. Selvaraju and Akhilesh Deepak Gotmare and Shafiq Joty and Caiming Xiong and Steven Hoi},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2021}
+}"""
+
+# Hub pipeline tag and a short description per ALBEF task.
+TASKS = {
+    "pretraining": ("zero-shot-image-classification", "image-text pretraining (ITC, ITM, MLM)"),
+    "retrieval": ("zero-shot-image-classification", "image-text retrieval"),
+    "vqa": ("visual-question-answering", "visual question answering"),
+    "nlvr": ("image-text-to-text", "visual reasoning over image pairs (NLVR2)"),
+    "ve": ("image-text-to-text", "visual entailment (SNLI-VE)"),
+    "grounding": ("zero-shot-image-classification", "weakly-supervised visual grounding"),
+}
+
+
+@dataclass
+class AlbefCardInfo:
+    """What a card says about a checkpoint.
+
+    Args:
+        model_name: name shown as the card title.
+        task: one of `TASKS` (`"pretraining"`, `"retrieval"`, `"vqa"`, `"nlvr"`, `"ve"`, `"grounding"`).
+        model_class: the class that loads it (for the usage snippet).
+        source: where the weights come from (an original checkpoint file, a base model...).
+        training: a short description of how it was trained (key -> value, rendered as a table).
+        metrics: measured results, `{metric name: value}`, with `dataset_name` / `dataset_split` describing them.
+        dataset_name, dataset_split: the data the metrics were measured on.
+        license: SPDX identifier of the weights' license.
+        extra_tags: more Hub tags.
+        notes: free text appended to the card.
+    """
+
+    model_name: str
+    task: str = "pretraining"
+    model_class: str = "AlbefModel"
+    source: str | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    dataset_name: str | None = None
+    dataset_split: str | None = None
+    license: str = "bsd-3-clause"
+    extra_tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+
+
+def build_model_card(info: AlbefCardInfo) -> ModelCard:
+    """A `huggingface_hub.ModelCard` with validated metadata and a README body for an ALBEF checkpoint."""
+    if info.task not in TASKS:
+        raise ValueError(f"unknown task {info.task!r}; expected one of {sorted(TASKS)}")
+    pipeline_tag, task_description = TASKS[info.task]
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=info.dataset_name or "custom",
+            dataset_name=info.dataset_name or "custom",
+            dataset_split=info.dataset_split,
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for name, value in info.metrics.items()
+    ]
+    data = ModelCardData(
+        model_name=info.model_name,
+        library_name="transformers",
+        license=info.license,
+        pipeline_tag=pipeline_tag,
+        tags=["albef", "vision-language", "albef-hf", info.task, *info.extra_tags],
+        eval_results=eval_results or None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(info, task_description)}")
+
+
+def _body(info: AlbefCardInfo, task_description: str) -> str:
+    lines = [
+        f"# {info.model_name}",
+        "",
+        f"ALBEF ([Align before Fuse](https://arxiv.org/abs/2107.07651)) for {task_description}, "
+        "as a Hugging Face transformers model of the albef-hf package.",
+        "",
+    ]
+    if info.source:
+        lines += [f"**Source:** {info.source}", ""]
+    if info.training:
+        lines += ["## Training", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in info.training.items()]
+        lines.append("")
+    if info.metrics:
+        where = " ".join(part for part in (info.dataset_name, info.dataset_split) if part)
+        lines += [f"## Results{f' on {where}' if where else ''}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {float(value):.2f} |" for name, value in info.metrics.items()]
+        lines.append("")
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "import albef_hf  # registers the ALBEF classes (or pass trust_remote_code=True without it)",
+        f"from albef_hf import AlbefProcessor, {info.model_class}",
+        "",
+        f'model = {info.model_class}.from_pretrained("path/or/repo")',
+        'processor = AlbefProcessor.from_pretrained("path/or/repo")',
+        "```",
+        "",
+    ]
+    if info.notes:
+        lines += [info.notes, ""]
+    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def save_model_card(card: ModelCard, save_directory: str | os.PathLike) -> str:
+    """Write `card` as `README.md` in `save_directory`; returns the path."""
+    path = os.path.join(save_directory, "README.md")
+    card.save(path)
+    return path
