@@ -15,8 +15,9 @@ every epoch (unless workers persist), so
 
 - workers differ from one another and from one epoch to the next (a generator created once in the
   main process would be copied into every worker, which then all repeat the same augmentations);
-- the whole pipeline is reproducible under ``torch.manual_seed`` / ``transformers.set_seed``, and
-  re-seeding torch restarts the stream;
+- the whole pipeline is reproducible under ``torch.manual_seed`` / ``transformers.set_seed``: a run
+  that seeds torch alike draws the same augmentations (seeding torch again with the *same* value
+  inside one process does not restart a stream already in use; pass ``rng`` for that);
 - ``seed`` separates two runs that share a torch seed.
 
 A `Compose` hands its own generator to the transforms it holds, so a pipeline draws from one stream
