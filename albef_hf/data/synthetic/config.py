@@ -80,6 +80,7 @@ class SyntheticWorldConfig:
         background_grey: range of the grey level of backgrounds.
         background_tint: per-channel tint (+-) added to that grey; small, so backgrounds stay muted.
         texture_contrast: grey-level difference between the two tones of a textured background.
+        texture_period: range of the stripe / checker period as a fraction of the image side.
         noise_level: per-pixel uniform noise amplitude (+-) in 0..255 units; 0 disables noise.
     Text:
         captions_per_image: captions per image in both splits (5 gives the COCO retrieval shape).
@@ -108,6 +109,7 @@ class SyntheticWorldConfig:
     background_grey: tuple[int, int] = (70, 190)
     background_tint: int = 12
     texture_contrast: tuple[int, int] = (20, 45)
+    texture_period: tuple[float, float] = (0.08, 0.25)
     noise_level: int = 10
     captions_per_image: int = 5
     noisy_caption_fraction: float = 0.2

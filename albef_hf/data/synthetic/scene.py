@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -121,21 +121,21 @@ class Scene:
     @property
     def signature(self) -> Signature:
         """Sorted ``(size, colour, shape, row, col)`` of all objects: the layout, up to jitter."""
-        return _signature(self.objects)
+        return _signature((o.size, o.colour, o.shape, o.cell) for o in self.objects)
 
     def attribute_multiset(self) -> list[tuple[str, str, str]]:
         """Sorted ``(size, colour, shape)`` of all objects: what position-free captions pin down."""
         return sorted(obj.attributes for obj in self.objects)
 
 
-def _signature(objects: Sequence[SceneObject]) -> Signature:
-    return tuple(sorted((o.size, o.colour, o.shape, o.cell[0], o.cell[1]) for o in objects))
+def _signature(layout: Iterable[tuple[str, str, str, tuple[int, int]]]) -> Signature:
+    return tuple(sorted((size, colour, shape, row, col) for size, colour, shape, (row, col) in layout))
 
 
-def item_rng(seed: int, split: str, task: str, index: int, *extra: int) -> np.random.Generator:
+def item_rng(seed: int, split: str, task: str, index: int) -> np.random.Generator:
     """The random stream of one item: a function of (seed, split, task, index) only, so items can be
     generated in any order, in any worker, and come out the same."""
-    return np.random.default_rng([seed, SPLITS[split], TASKS[task], index, *extra])
+    return np.random.default_rng([seed, SPLITS[split], TASKS[task], index])
 
 
 def signature_split(signature: Signature, seed: int, test_fraction: float) -> str:
@@ -149,7 +149,7 @@ def _cell_bounds(index: int, grid_size: int, image_size: int) -> tuple[int, int]
 
 
 def _place(
-    config: SyntheticWorldConfig, shape: str, size: str, cell: tuple[int, int], jitter: np.ndarray
+    config: SyntheticWorldConfig, shape: str, size: str, cell: tuple[int, int], jitter: list[float]
 ) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
     """Pixel square (x, y, side) of an object and its tight box; ``jitter`` holds 3 uniforms in [0, 1)."""
     (y_lo, y_hi), (x_lo, x_hi) = (_cell_bounds(i, config.grid_size, config.image_size) for i in cell)
@@ -206,7 +206,7 @@ def _sample_background(rng: np.random.Generator, config: SyntheticWorldConfig) -
         kind,
         (_muted_tone(rng, config, grey), _muted_tone(rng, config, other)),
         orientation=int(rng.integers(3)),
-        period=float(rng.uniform(0.08, 0.25)),
+        period=float(rng.uniform(*config.texture_period)),
         phase=float(rng.random()),
     )
 
@@ -233,8 +233,7 @@ def sample_scene(
     """Draw a scene of ``split``: layouts are redrawn until their signature hashes into that split."""
     while True:
         layout = _sample_layout(rng, config, min_objects)
-        signature = tuple(sorted((s, c, h, r, k) for s, c, h, (r, k) in layout))
-        if signature_split(signature, seed, config.test_fraction) == split:
+        if signature_split(_signature(layout), seed, config.test_fraction) == split:
             break
     return Scene(
         objects=_build_objects(rng, config, layout),
