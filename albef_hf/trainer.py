@@ -1,0 +1,715 @@
+"""`AlbefTrainer`: transformers' Trainer with ALBEF's momentum distillation, feature queues and retrieval evaluation.
+
+Everything Trainer users know keeps working (TrainingArguments, callbacks, logging, checkpoints,
+`push_to_hub`, `accelerate launch` / `torchrun` DDP, bf16, gradient accumulation). On top of it:
+
+- a `MomentumTeacher` (EMA copy of the student, no grad, never in the optimizer) runs in `compute_loss`
+  and its outputs, the feature queues and the distillation weight `alpha` go into the model's loss;
+- `FeatureQueues` receive the teacher features of every micro-batch, gathered from all processes;
+- the EMA moves once per optimizer step, at its first micro-batch and before the teacher runs, which is
+  exactly the original's update-then-use order (the original updates at the start of every forward; one
+  forward is one optimizer step there), so gradient accumulation does not change its meaning;
+- every checkpoint holds `momentum_state.safetensors` (teacher + queues) next to the model, optimizer,
+  scheduler and RNG states, and the data order and per-sample augmentation are a function of
+  `(seed, epoch, index)`, so `resume_from_checkpoint` continues exactly;
+- `save_model` / `push_to_hub` write the student only, with a model card that says how it was trained;
+- `evaluate()` runs the original's retrieval evaluation (ITC ranking, ITM re-ranking of the top k,
+  TR/IR recall@1/5/10 and means), with the re-ranking split across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+
+from .data.collators import (
+    AlbefPretrainingCollator,
+    AlbefRetrievalCollator,
+    EpochKeyedSampler,
+    KeyedDataset,
+)
+from .evaluation import compute_retrieval_scores, itm_eval, retrieval_eval_set_from_samples
+from .modelcard import AlbefCardInfo, build_model_card, save_model_card
+from .modeling_albef import AlbefForImageTextRetrieval, AlbefForPreTraining
+from .momentum import (
+    MOMENTUM_STATE_NAME,
+    FeatureQueues,
+    MomentumTeacher,
+    check_queue_size,
+    load_momentum_state,
+    save_momentum_state,
+)
+
+__all__ = [
+    "ALBEF_LR_SCHEDULES",
+    "AlbefTrainer",
+    "AlbefTrainingArguments",
+    "albef_cosine_lr",
+    "albef_epoch_cosine_lr",
+    "albef_no_decay",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Learning-rate schedules of the original, selectable with `lr_scheduler_type`.
+ALBEF_LR_SCHEDULES = ("albef_cosine", "albef_epoch_cosine")
+# The original moves its warm-up learning rate every 100 iterations (`step_size` in Pretrain.py).
+ORIGINAL_WARMUP_INTERVAL = 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules and weight decay of the original
+# ----------------------------------------------------------------------------------------------
+
+
+def _cosine(progress: float, peak_lr: float, min_lr: float) -> float:
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def albef_cosine_lr(
+    step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, warmup_start_lr: float, min_lr: float
+) -> float:
+    """The original's schedule, per optimizer step: linear warm-up, then a half cosine.
+
+    `warmup_start_lr` at step 0, linearly up to `peak_lr` at `warmup_steps`, then
+    `min_lr + (peak_lr - min_lr) * (1 + cos(pi * p)) / 2` with `p` going from 0 to 1 over the remaining steps.
+    """
+    if step < warmup_steps:
+        return warmup_start_lr + (peak_lr - warmup_start_lr) * step / warmup_steps
+    return _cosine((step - warmup_steps) / max(1, total_steps - warmup_steps), peak_lr, min_lr)
+
+
+def albef_epoch_cosine_lr(
+    step: int,
+    *,
+    peak_lr: float,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    num_epochs: int,
+    warmup_start_lr: float,
+    min_lr: float,
+) -> float:
+    """The original's schedule exactly as Pretrain.py / Retrieval.py run it (timm's CosineLRScheduler).
+
+    - First epoch: the warm-up rate moves every 100 optimizer steps: at step `s >= 1` it is
+      `warmup_start_lr + t * (peak_lr - warmup_start_lr) / W` with `t = (s - 1) // 100` and
+      `W = warmup_steps / 100` levels (step 0 uses level 0), and `peak_lr` once `t >= W`; the warm-up only
+      happens in the first epoch.
+    - Epoch `e >= 1`: `min_lr + (peak_lr - min_lr) * (1 + cos(pi * e / num_epochs)) / 2` for the whole epoch.
+    """
+    epoch, position = divmod(step, steps_per_epoch)
+    if epoch == 0:
+        levels = warmup_steps / ORIGINAL_WARMUP_INTERVAL
+        level = max(position - 1, 0) // ORIGINAL_WARMUP_INTERVAL
+        if level < levels:
+            return warmup_start_lr + level * (peak_lr - warmup_start_lr) / levels
+        return peak_lr
+    return _cosine(epoch / num_epochs, peak_lr, min_lr)
+
+
+def albef_no_decay(name: str, param: torch.Tensor, skip: frozenset[str] = frozenset()) -> bool:
+    """Whether the original exempts a parameter from weight decay: 1-D tensors, biases and `skip` names.
+
+    Note the original's quirks that follow from this rule: the 0-dim temperature and the 3-D ViT position
+    embedding and class token *are* decayed.
+    """
+    return param.ndim == 1 or name.endswith(".bias") or name in skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlbefTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus ALBEF's momentum distillation, queues, schedule and evaluation settings.
+
+    Defaults that differ from `TrainingArguments` follow the original: `learning_rate=1e-4`,
+    `weight_decay=0.02` (1-D parameters and biases exempt), `lr_scheduler_type="albef_cosine"`,
+    `dataloader_drop_last=True` (the queues need full batches), and `remove_unused_columns=False` (the
+    collators read the raw `image`/`text` fields).
+    """
+
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Peak learning rate (the original: 1e-4 pretraining, 1e-5 retrieval)."},
+    )
+    weight_decay: float = field(
+        default=0.02, metadata={"help": "AdamW weight decay; 1-D parameters and biases are exempt."}
+    )
+    lr_scheduler_type: str = field(
+        default="albef_cosine",
+        metadata={
+            "help": "Learning-rate schedule: 'albef_cosine' (linear warm-up from warmup_start_lr, then cosine to min_lr, "
+            "per step), 'albef_epoch_cosine' (the original exactly: warm-up moving every 100 steps in the first epoch, "
+            "cosine stepped per epoch), or any transformers schedule name."
+        },
+    )
+    dataloader_drop_last: bool = field(
+        default=True, metadata={"help": "Drop the last incomplete batch (the queues need full batches)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collators need the raw sample fields."}
+    )
+
+    momentum: float = field(default=0.995, metadata={"help": "EMA coefficient of the momentum teacher."})
+    alpha: float = field(
+        default=0.4, metadata={"help": "Distillation weight of the teacher's distributions (ITC and MLM)."}
+    )
+    alpha_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps over which alpha ramps linearly from 0 (default: one epoch; 0: no ramp)."
+        },
+    )
+    distill: bool = field(
+        default=True,
+        metadata={
+            "help": "Distil from the teacher (alpha > 0). Without it the teacher still provides the ITC candidates."
+        },
+    )
+    queue_size: int = field(
+        default=65536,
+        metadata={
+            "help": "Rows of the feature queues; a multiple of the global batch. 0: in-batch candidates only."
+        },
+    )
+    momentum_state_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "momentum_state.safetensors to start the teacher and queues from (continued pretraining)."
+        },
+    )
+    clamp_temp: bool = field(
+        default=True,
+        metadata={
+            "help": "Clamp the temperature parameter in place to [temp_min, temp_max] before each step, as the original."
+        },
+    )
+    temp_min: float | None = field(
+        default=None, metadata={"help": "Lower temperature bound (default: the model config's)."}
+    )
+    temp_max: float | None = field(
+        default=None, metadata={"help": "Upper temperature bound (default: the model config's)."}
+    )
+    warmup_start_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate at the start of the warm-up (default: learning_rate / 10)."},
+    )
+    min_lr: float | None = field(
+        default=None, metadata={"help": "Final learning rate of the cosine (default: learning_rate / 10)."}
+    )
+    retrieval_k: int = field(
+        default=128, metadata={"help": "Candidates re-ranked with ITM per query in evaluation."}
+    )
+
+    def __post_init__(self) -> None:
+        albef_schedule = self.lr_scheduler_type if self.lr_scheduler_type in ALBEF_LR_SCHEDULES else None
+        if albef_schedule is not None:
+            self.lr_scheduler_type = "constant"  # a name the parent validates; restored below
+        super().__post_init__()
+        if albef_schedule is not None:
+            self.lr_scheduler_type = albef_schedule
+        checks = [
+            (0.0 <= self.momentum <= 1.0, f"momentum must lie in [0, 1], got {self.momentum}"),
+            (0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}"),
+            (
+                self.alpha_warmup_steps is None or self.alpha_warmup_steps >= 0,
+                "alpha_warmup_steps must be >= 0",
+            ),
+            (self.queue_size >= 0, f"queue_size must be >= 0, got {self.queue_size}"),
+            (self.retrieval_k >= 1, f"retrieval_k must be >= 1, got {self.retrieval_k}"),
+            (self.warmup_start_lr is None or self.warmup_start_lr >= 0, "warmup_start_lr must be >= 0"),
+            (self.min_lr is None or self.min_lr >= 0, "min_lr must be >= 0"),
+            (
+                self.temp_min is None or self.temp_max is None or 0 < self.temp_min < self.temp_max,
+                f"need 0 < temp_min < temp_max, got {self.temp_min}, {self.temp_max}",
+            ),
+            (
+                self.momentum_state_path is None or os.path.isfile(self.momentum_state_path),
+                f"momentum_state_path {self.momentum_state_path!r} is not a file",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def resolved_warmup_start_lr(self) -> float:
+        return self.learning_rate / 10 if self.warmup_start_lr is None else self.warmup_start_lr
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+_LOSS_FIELDS = ("loss_itc", "loss_itm", "loss_mlm")
+
+
+class AlbefTrainer(Trainer):
+    """Trainer for `AlbefForPreTraining` and `AlbefForImageTextRetrieval` with momentum distillation.
+
+    Args:
+        model: the student, an `AlbefForPreTraining` (ITC + ITM + MLM) or `AlbefForImageTextRetrieval`
+            (ITC + ITM with image-id positives).
+        args: `AlbefTrainingArguments`.
+        data_collator: default: `AlbefPretrainingCollator` / `AlbefRetrievalCollator` over `processing_class`
+            (no augmentation; pass one with a training transform for real runs). Unset collator fields
+            (`seed`, `vocab_size`, `mlm_probability`) are filled from the run and the model config.
+        train_dataset: reader samples (`albef_hf.data.readers`), map-style or iterable.
+        eval_dataset: a retrieval test set (`RetrievalEvalSet`, the synthetic world's `RetrievalEval`, or
+            reader samples grouped by `image_id`), or a dict of them.
+        processing_class: the `AlbefProcessor` (needed by the default collator and by evaluation; saved with
+            the model).
+        kwargs: the other `Trainer` arguments (callbacks, optimizers, ...).
+
+    Example:
+        >>> args = AlbefTrainingArguments("out", per_device_train_batch_size=64, queue_size=65536, bf16=True)
+        >>> trainer = AlbefTrainer(model, args, collator, train_dataset, eval_set, processing_class=processor)
+        >>> trainer.train()
+        >>> trainer.evaluate()  # {"eval_txt_r1": ..., "eval_img_r1": ..., "eval_r_mean": ...}
+    """
+
+    def __init__(
+        self,
+        model: AlbefForPreTraining | AlbefForImageTextRetrieval | None = None,
+        args: AlbefTrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("model_init") is not None:
+            raise ValueError(
+                "AlbefTrainer needs a model instance (model_init is not supported: the teacher copies it)"
+            )
+        if not isinstance(model, (AlbefForPreTraining, AlbefForImageTextRetrieval)):
+            raise TypeError(
+                f"AlbefTrainer trains AlbefForPreTraining or AlbefForImageTextRetrieval, got {type(model).__name__}"
+            )
+        args = args if args is not None else AlbefTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, AlbefTrainingArguments):
+            raise TypeError(f"AlbefTrainer needs AlbefTrainingArguments, got {type(args).__name__}")
+        config = model.config
+        weights = (config.itc_weight, config.itm_weight, getattr(config, "mlm_weight", 1.0))
+        if args.ddp_find_unused_parameters is None and min(weights) == 0:
+            args.ddp_find_unused_parameters = True  # a switched-off objective leaves its head without grads
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError(
+                    "pass a data_collator, or a processing_class (AlbefProcessor) to build the default one"
+                )
+            collator_class = (
+                AlbefPretrainingCollator if isinstance(model, AlbefForPreTraining) else AlbefRetrievalCollator
+            )
+            data_collator = collator_class(processing_class)
+            logger.info("using %s without augmentation as the data collator", collator_class.__name__)
+        _fill_collator_defaults(data_collator, args, config)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.model_accepts_loss_kwargs = (
+            False  # our losses are batch means: Trainer scales them for accumulation
+        )
+        self.teacher: MomentumTeacher | None = None
+        self.queues: FeatureQueues | None = None
+        self._ema_step: int | None = None
+        self._alpha_warmup_steps = args.alpha_warmup_steps
+        self._steps_per_epoch: int | None = None
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_count = 0
+        self._eval_sets: dict[int, Any] = {}
+        self._last_eval_metrics: dict[str, float] = {}
+
+    # -- set-up --------------------------------------------------------------------------------------
+
+    @property
+    def student(self) -> AlbefForPreTraining | AlbefForImageTextRetrieval:
+        """The model being trained, unwrapped from DDP and friends."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _check_training_setup(self) -> None:
+        args = self.args
+        if self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        ):
+            raise ValueError(
+                "AlbefTrainer keeps a full EMA copy of the student, which needs unsharded parameters: use DDP "
+                "(torchrun / accelerate launch) or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3"
+            )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "AlbefTrainer does not support torch.nn.DataParallel (it would split the queues across GPUs); "
+                "launch one process per GPU with torchrun or accelerate launch"
+            )
+        if args.queue_size:
+            check_queue_size(args.queue_size, args.per_device_train_batch_size * args.world_size)
+        if not args.dataloader_drop_last and args.queue_size:
+            logger.warning(
+                "dataloader_drop_last=False: a smaller last batch writes a partial block of the queues"
+            )
+
+    def setup_momentum(self) -> None:
+        """Build the teacher and the queues (once), loading `momentum_state_path` when given."""
+        if self.teacher is not None:
+            return
+        args, student = self.args, self.student
+        self._check_training_setup()
+        self.teacher = MomentumTeacher(student, args.momentum)
+        if args.queue_size:
+            self.queues = FeatureQueues(args.queue_size, student.config.embed_dim, device=student.device)
+        if args.momentum_state_path:
+            load_momentum_state(args.momentum_state_path, self.teacher, self.queues, student)
+            logger.info("started the momentum teacher and queues from %s", args.momentum_state_path)
+        config = student.config
+        if args.temp_min is not None:
+            config.temp_min = args.temp_min
+        if args.temp_max is not None:
+            config.temp_max = args.temp_max
+        if config.temp_min >= config.temp_max:
+            raise ValueError(f"need temp_min < temp_max, got {config.temp_min} and {config.temp_max}")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """`Trainer.train`, after building the momentum teacher and queues."""
+        self.setup_momentum()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
+        values = super().set_initial_training_values(args, dataloader)
+        self._steps_per_epoch = values[1] if has_length(dataloader) else None
+        if self._alpha_warmup_steps is None and self.args.distill:
+            if self._steps_per_epoch is None:
+                raise ValueError(
+                    "alpha ramps up over the first epoch by default, but the training data has no length: "
+                    "set alpha_warmup_steps (0 for no ramp)"
+                )
+            self._alpha_warmup_steps = self._steps_per_epoch
+        return values
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def _keyed(self, dataset: Any) -> bool:
+        return (
+            dataset is not None
+            and not isinstance(dataset, IterableDataset)
+            and has_length(dataset)
+            and self.args.train_sampling_strategy in ("random", "sequential")
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The Trainer's DataLoader over `KeyedDataset(train_dataset)` for map-style data (exact resumption)."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        dataset = KeyedDataset(self.train_dataset) if self._keyed(self.train_dataset) else self.train_dataset
+        if not isinstance(dataset, KeyedDataset):
+            logger.info(
+                "iterable training data: a resumed run skips the consumed batches but redraws augmentations"
+            )
+        return self._get_dataloader(
+            dataset=dataset,
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, train_dataset: Any = None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, KeyedDataset):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochKeyedSampler(
+                len(dataset), seed, shuffle=self.args.train_sampling_strategy == "random"
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
+        return data_collator  # the collators read fields the model's forward does not name
+
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        return dataset
+
+    # -- optimisation --------------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Parameters with weight decay, by the original's rule (`albef_no_decay`)."""
+        skip_fn = getattr(model, "no_weight_decay", None)
+        skip = frozenset(skip_fn()) if callable(skip_fn) else frozenset()
+        return [name for name, param in model.named_parameters() if not albef_no_decay(name, param, skip)]
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The original's schedules for `albef_cosine` / `albef_epoch_cosine`, transformers' otherwise."""
+        if self.args.lr_scheduler_type not in ALBEF_LR_SCHEDULES:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            args = self.args
+            schedule = dict(
+                peak_lr=args.learning_rate,
+                warmup_steps=args.get_warmup_steps(num_training_steps),
+                warmup_start_lr=args.resolved_warmup_start_lr,
+                min_lr=args.resolved_min_lr,
+            )
+            if args.lr_scheduler_type == "albef_cosine":
+                lr_at = partial(albef_cosine_lr, total_steps=num_training_steps, **schedule)
+            else:
+                if self._steps_per_epoch is None:
+                    raise ValueError(
+                        "albef_epoch_cosine needs training data with a length (it is stepped per epoch)"
+                    )
+                num_epochs = math.ceil(num_training_steps / self._steps_per_epoch)
+                lr_at = partial(
+                    albef_epoch_cosine_lr,
+                    steps_per_epoch=self._steps_per_epoch,
+                    num_epochs=num_epochs,
+                    **schedule,
+                )
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            self.lr_scheduler = LambdaLR(
+                optimizer, partial(_relative_lr, lr_at=lr_at, peak_lr=args.learning_rate)
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def current_alpha(self) -> float:
+        """Distillation weight at this optimizer step: `alpha * min(1, step / alpha_warmup_steps)`."""
+        if not self.args.distill:
+            return 0.0
+        ramp = self._alpha_warmup_steps
+        if not ramp:
+            return self.args.alpha
+        return self.args.alpha * min(1.0, self.state.global_step / ramp)
+
+    # -- the step ------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        """The ALBEF loss of a batch, with the momentum teacher, the queues and `alpha`.
+
+        In training mode this also moves the EMA (at the first micro-batch of each optimizer step, before the
+        teacher runs), clamps the temperature, and enqueues the teacher features of all processes.
+        """
+        if self.teacher is None:  # not trained by this trainer (e.g. a loss evaluated before train())
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        student = self.student
+        training = model.training
+        inputs = dict(inputs)
+        if training:
+            if self._ema_step != self.state.global_step:
+                self.teacher.update(student)
+                self._ema_step = self.state.global_step
+            if self.args.clamp_temp:
+                with torch.no_grad():
+                    student.temp.clamp_(student.config.temp_min, student.config.temp_max)
+        if (
+            isinstance(student, AlbefForPreTraining)
+            and student.config.mlm_weight > 0
+            and inputs.get("mlm_input_ids") is None
+        ):
+            # teacher and student must see the same masks
+            inputs["mlm_input_ids"], inputs["mlm_labels"] = student.draw_mlm_masks(inputs["input_ids"])
+        self.teacher.train(training)
+        with self.accelerator.autocast():
+            teacher_outputs = self.teacher(**inputs)
+        queue_inputs = {}
+        if self.queues is not None:
+            queue_inputs = {"image_queue": self.queues.image, "text_queue": self.queues.text}
+            if inputs.get("idx") is not None:
+                queue_inputs["idx_queue"] = self.queues.idx
+        outputs = model(**inputs, teacher_outputs=teacher_outputs, alpha=self.current_alpha(), **queue_inputs)
+        if training and self.queues is not None:
+            self.queues.enqueue(teacher_outputs.image_feat, teacher_outputs.text_feat, inputs.get("idx"))
+        if training:
+            self._track_losses(outputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _track_losses(self, outputs: Any) -> None:
+        for name in _LOSS_FIELDS:
+            value = getattr(outputs, name, None)
+            if value is not None:
+                value = value.detach().float()
+                self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
+        self._loss_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean ITC/ITM/MLM losses since the last log, alpha, the temperature and skipped samples."""
+        if "loss" in logs and self._loss_count:
+            for name, total in self._loss_sums.items():
+                logs[name] = round(float(total) / self._loss_count, 4)
+            self._loss_sums, self._loss_count = {}, 0
+            logs["alpha"] = round(self.current_alpha(), 4)
+            logs["temp"] = round(float(self.student.temp.detach()), 5)
+            stats = getattr(self.train_dataset, "skip_stats", None)
+            if stats is not None and stats.total:
+                logs.update(
+                    {f"skipped_{reason}": count for reason, count in stats.as_dict().items() if count}
+                )
+            collator_skips = getattr(self.data_collator, "num_skipped", 0)
+            if collator_skips:
+                logs["collator_replaced_samples"] = collator_skips
+        super().log(logs, start_time)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.args.should_save and not self.args.save_only_model and self.teacher is not None:
+            output_dir = os.path.join(
+                self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(output_dir, exist_ok=True)
+            # written before the rest, so that a checkpoint pushed to the Hub or rotated includes it
+            save_momentum_state(os.path.join(output_dir, MOMENTUM_STATE_NAME), self.teacher, self.queues)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.teacher is None:
+            return
+        path = os.path.join(resume_from_checkpoint, MOMENTUM_STATE_NAME)
+        if os.path.isfile(path):
+            load_momentum_state(path, self.teacher, self.queues, self.student)
+        else:
+            logger.warning(
+                "%s has no %s: the teacher restarts as a copy of the student",
+                resume_from_checkpoint,
+                MOMENTUM_STATE_NAME,
+            )
+            self.teacher.copy_from(self.student)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (no teacher, no queues), the processor and a model card."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_model_card(self._model_card(), output_dir or self.args.output_dir)
+
+    def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
+        """Write the ALBEF model card (used by `push_to_hub`)."""
+        if self.is_world_process_zero():
+            save_model_card(self._model_card(model_name), self.args.output_dir)
+
+    def _model_card(self, model_name: str | None = None) -> Any:
+        args, student = self.args, self.student
+        task = "pretraining" if isinstance(student, AlbefForPreTraining) else "retrieval"
+        objectives = ["ITC", "ITM (hard negatives)"] + (["MLM"] if task == "pretraining" else [])
+        training = {
+            "trainer": "albef_hf.AlbefTrainer",
+            "objectives": " + ".join(objectives),
+            "optimizer steps": self.state.global_step,
+            "epochs": round(self.state.epoch or 0.0, 2),
+            "global batch size": args.per_device_train_batch_size
+            * args.world_size
+            * args.gradient_accumulation_steps,
+            "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler_type})",
+            "weight decay": f"{args.weight_decay:g} (1-D parameters and biases exempt)",
+            "momentum distillation": f"momentum {args.momentum:g}, alpha {args.alpha:g}"
+            if args.distill
+            else "off",
+            "queue size": args.queue_size,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        }
+        metrics = {
+            key.split("_", 1)[1]: value
+            for key, value in self._last_eval_metrics.items()
+            if key.split("_", 1)[-1]
+            in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+        }
+        info = AlbefCardInfo(
+            model_name=model_name or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            task=task,
+            model_class=type(student).__name__,
+            training=training,
+            metrics=metrics,
+            dataset_split="eval" if metrics else None,
+        )
+        return build_model_card(info)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Retrieval evaluation as the original (TR/IR recall@1/5/10 and means), split across processes.
+
+        Args:
+            eval_dataset: a `RetrievalEvalSet`-like object or reader samples (default: `self.eval_dataset`); a
+                dict evaluates each under `{metric_key_prefix}_{name}`.
+            ignore_keys: unused (kept for the Trainer interface).
+            metric_key_prefix: prefix of the metric names.
+
+        Returns:
+            `{prefix}_txt_r1`, `_txt_r5`, `_txt_r10`, `_txt_r_mean`, `_img_r1`, ..., `_r_mean`, `_runtime`.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset: a RetrievalEvalSet or image-text samples")
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, data in dataset.items():
+                metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if self.processing_class is None:
+            raise ValueError("retrieval evaluation needs the AlbefProcessor as processing_class")
+        self._memory_tracker.start()
+        start = time.time()
+        eval_set = self._eval_sets.get(id(dataset))
+        if eval_set is None:
+            eval_set = self._eval_sets[id(dataset)] = retrieval_eval_set_from_samples(dataset)
+        with self.accelerator.autocast():
+            scores_i2t, scores_t2i = compute_retrieval_scores(
+                self.student,
+                self.processing_class,
+                eval_set,
+                k=self.args.retrieval_k,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.args.device,
+            )
+        results = itm_eval(scores_i2t.numpy(), scores_t2i.numpy(), eval_set.txt2img, eval_set.img2txt)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in results.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        self._last_eval_metrics = metrics
+        return metrics
+
+
+def _relative_lr(step: int, lr_at: Any, peak_lr: float) -> float:
+    return lr_at(step) / peak_lr
+
+
+def _fill_collator_defaults(collator: Any, args: AlbefTrainingArguments, config: Any) -> None:
+    """Give the collator the run's data seed, the model's vocabulary size and MLM probability where unset."""
+    if getattr(collator, "seed", 0) is None:
+        collator.seed = args.data_seed if args.data_seed is not None else args.seed
+    if hasattr(collator, "vocab_size") and collator.vocab_size is None:
+        collator.vocab_size = config.text_config.vocab_size
+    if hasattr(collator, "mlm_probability") and collator.mlm_probability is None:
+        collator.mlm_probability = config.mlm_probability
