@@ -102,9 +102,9 @@ class MomentumTeacher:
         self.momentum = momentum
         self.model = copy.deepcopy(student)
         self.model.requires_grad_(False)
-        if getattr(self.model, "is_activation_checkpointing", getattr(self.model, "is_gradient_checkpointing", False)):
+        if self.model.is_activation_checkpointing:
             # the teacher runs without grad: checkpointing would only cost a recomputation
-            self.model.gradient_checkpointing_disable()
+            self.model.activation_checkpointing_disable()
 
     def parameters(self) -> Iterable[torch.Tensor]:
         """The teacher's parameters (they never require grad)."""

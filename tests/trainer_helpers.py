@@ -1,0 +1,118 @@
+"""Tiny AlbefTrainer runs shared by the trainer tests and the scripts they launch in other processes.
+
+`python tests/trainer_helpers.py resume OUT CHECKPOINT` resumes the standard tiny run in a new process;
+`torchrun --nproc_per_node 2 tests/trainer_helpers.py distributed OUT` runs it on two CPU processes (gloo)
+and records, after every step, what each rank holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import CAPTIONS, random_images, tiny_config, tiny_processor  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from albef_hf import AlbefForPreTraining  # noqa: E402
+from albef_hf.data.collators import AlbefPretrainingCollator  # noqa: E402
+from albef_hf.data.transforms import build_train_transform  # noqa: E402
+from albef_hf.trainer import AlbefTrainer, AlbefTrainingArguments  # noqa: E402
+
+
+def tiny_samples(count: int = 16) -> list[dict]:
+    return [
+        {"image": image, "text": CAPTIONS[i % len(CAPTIONS)], "image_id": i}
+        for i, image in enumerate(random_images(count, seed=1))
+    ]
+
+
+def tiny_pretraining_model(seed: int = 0, dropout: float = 0.1) -> AlbefForPreTraining:
+    torch.manual_seed(seed)
+    config = tiny_config()
+    config.text_config.hidden_dropout_prob = dropout  # dropout draws exercise the RNG restore on resume
+    return AlbefForPreTraining(config)
+
+
+def tiny_trainer(output_dir: str, samples: list[dict] | None = None, **overrides) -> AlbefTrainer:
+    """A pretraining run of the tiny model: 16 samples, batch 4 (4 steps per epoch), queue 8, augmentation."""
+    settings = dict(
+        per_device_train_batch_size=4,
+        max_steps=6,
+        queue_size=8,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+    )
+    settings.update(overrides)
+    args = AlbefTrainingArguments(output_dir=output_dir, **settings)
+    processor = tiny_processor()
+    collator = AlbefPretrainingCollator(processor, transform=build_train_transform(32))
+    return AlbefTrainer(
+        tiny_pretraining_model(),
+        args,
+        collator,
+        samples if samples is not None else tiny_samples(),
+        processing_class=processor,
+    )
+
+
+class RecordSteps(TrainerCallback):
+    """After each optimizer step, record this rank's teacher digest, queues and the features it enqueued."""
+
+    def __init__(self, trainer: AlbefTrainer) -> None:
+        self.trainer = trainer
+        self.records: list[dict] = []
+        self.enqueued: list[list[list[float]]] = []
+        original = trainer.teacher.model.compute_teacher_outputs
+
+        def recording(**inputs):
+            outputs = original(**inputs)
+            self.enqueued.append(outputs.image_feat.detach().float().tolist())
+            return outputs
+
+        trainer.teacher.model.compute_teacher_outputs = recording
+
+    def on_step_end(self, args, state, control, **kwargs):
+        queues = self.trainer.queues
+        teacher_digest = sum(float(p.double().sum()) for p in self.trainer.teacher.parameters())
+        self.records.append(
+            {
+                "step": state.global_step,
+                "teacher_digest": teacher_digest,
+                "teacher_first": self.trainer.teacher.model.vision_proj.weight.flatten()[:8].tolist(),
+                "image_queue": queues.image.tolist(),
+                "text_queue": queues.text.tolist(),
+                "ptr": queues.ptr,
+                "enqueued": self.enqueued[-1],
+            }
+        )
+
+
+def run_distributed(output_dir: str) -> None:
+    trainer = tiny_trainer(output_dir, max_steps=3, queue_size=16, per_device_train_batch_size=2)
+    trainer.setup_momentum()
+    recorder = RecordSteps(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    rank = trainer.args.process_index
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
+        json.dump({"world_size": trainer.args.world_size, "records": recorder.records}, file)
+
+
+def run_resume(output_dir: str, checkpoint: str) -> None:
+    tiny_trainer(output_dir, save_strategy="steps", save_steps=3).train(resume_from_checkpoint=checkpoint)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    command, *rest = sys.argv[1:]
+    {"distributed": run_distributed, "resume": run_resume}[command](*rest)
