@@ -361,6 +361,12 @@ class AlbefTrainer(Trainer):
                 "AlbefTrainer keeps a full EMA copy of the student, which needs unsharded parameters: use DDP "
                 "(torchrun / accelerate launch) or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3"
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and args.world_size != launched:
+            raise ValueError(
+                f"{launched} processes were launched but the Trainer runs {args.world_size}: each would train alone "
+                "with its own queues; on a machine without GPUs pass --use_cpu so that gloo DDP is set up"
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 "AlbefTrainer does not support torch.nn.DataParallel (it would split the queues across GPUs); "

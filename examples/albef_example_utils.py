@@ -1,0 +1,337 @@
+"""What `run_pretraining.py` and `run_retrieval.py` share: arguments, model/processor/data builders, the run.
+
+Kept next to the scripts (not in the package) so that each script stays a readable recipe, like the
+transformers examples, without copying this part twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import transformers
+from transformers import BertTokenizerFast, HfArgumentParser
+
+from albef_hf import AlbefConfig, AlbefImageProcessor, AlbefProcessor
+from albef_hf.data.readers import build_image_text_dataset, read_albef_json, read_hf_dataset
+from albef_hf.data.transforms import build_train_transform
+from albef_hf.evaluation import retrieval_eval_set_from_samples
+from albef_hf.trainer import AlbefTrainer, AlbefTrainingArguments
+
+logger = logging.getLogger("albef_example")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and how to tokenise for it."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An ALBEF folder or Hub id to start from (omit to build from a config)."},
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "AlbefConfig folder, json file or Hub id (default: ALBEF-base)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value config changes, nested with dots, e.g. "
+            "'embed_dim=64,vision_config.num_hidden_layers=2,text_config.hidden_size=64'."
+        },
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A transformers ViT to initialise the image encoder (with the next one)."},
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A BERT to initialise the text and fusion layers (with the previous one)."},
+    )
+    processor_name: str | None = field(
+        default=None, metadata={"help": "AlbefProcessor folder or Hub id (default: model_name_or_path)."}
+    )
+    tokenizer_name: str = field(
+        default="bert-base-uncased", metadata={"help": "BERT tokenizer used when no processor is found."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training resolution (default: the model's)."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Longest text in tokens (with [CLS])."})
+    original_tokenization: bool = field(
+        default=False,
+        metadata={"help": "Encode '[CLS] tokens' without [SEP], as the original (converted checkpoints)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the image-text pairs come from (exactly one training source) and how they are augmented."""
+
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "ALBEF annotation json file(s): [{'image': path, 'caption': str or [str]}]."},
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Directory the image paths are relative to."}
+    )
+    train_shards: list[str] | None = field(
+        default=None, metadata={"help": "webdataset tar shards (paths, globs or {00000..00009} patterns)."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hugging Face dataset: Hub id, 'imagefolder' (with --data_dir), a save_to_disk folder, or "
+            "'synthetic' for the built-in synthetic world."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "data_dir of the dataset (imagefolder: the images)."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches prepared data."})
+    train_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
+    image_column: str = field(default="image", metadata={"help": "Image column of the dataset."})
+    text_column: str = field(default="text", metadata={"help": "Caption column (str or list of str)."})
+    id_column: str | None = field(
+        default=None, metadata={"help": "Column identifying the image (retrieval ids)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
+    shuffle_buffer: int = field(
+        default=0, metadata={"help": "Shuffle buffer of webdataset shards (0: no shuffling)."}
+    )
+    synthetic_images: int = field(
+        default=2000, metadata={"help": "Images of the synthetic world's training split."}
+    )
+    eval_file: list[str] | None = field(
+        default=None, metadata={"help": "ALBEF json of the retrieval test set."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Retrieval test set as a Hugging Face dataset, or 'synthetic'."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name."})
+    eval_image_root: str | None = field(
+        default=None, metadata={"help": "Image root of --eval_file (default: image_root)."}
+    )
+    synthetic_eval_images: int = field(
+        default=200, metadata={"help": "Images of the synthetic retrieval test set."}
+    )
+    randaugment: bool = field(
+        default=True, metadata={"help": "RandAugment with the original's ops and magnitude."}
+    )
+    horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+
+
+def setup_logging(training_args: AlbefTrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    logging.getLogger("albef_hf").setLevel(level)
+    logger.warning(
+        "process rank %s, device %s, world size %s, bf16 %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.world_size,
+        training_args.bf16,
+    )
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_config_overrides(config: AlbefConfig, overrides: str | None) -> AlbefConfig:
+    """A new config with `key=value` changes (nested keys with dots), re-validated by `AlbefConfig`."""
+    if not overrides:
+        return config
+    values = config.to_dict()
+    for item in overrides.split(","):
+        key, separator, value = item.strip().partition("=")
+        if not separator:
+            raise ValueError(f"config_overrides: expected key=value, got {item!r}")
+        *parents, leaf = key.strip().split(".")
+        target = values
+        for parent in parents:
+            if not isinstance(target.get(parent), dict):
+                raise ValueError(f"config_overrides: {key!r} does not name a nested config")
+            target = target[parent]
+        if leaf not in target:
+            raise ValueError(f"config_overrides: unknown key {key!r}")
+        target[leaf] = _parse_value(value)
+    return AlbefConfig(**{k: v for k, v in values.items() if k != "model_type"})
+
+
+def build_model(model_class: type, model_args: ModelArguments) -> Any:
+    """From a checkpoint, from two pretrained towers, or from a (default) config."""
+    if model_args.model_name_or_path:
+        config = AlbefConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path)
+        config = apply_config_overrides(config, model_args.config_overrides)
+        return model_class.from_pretrained(model_args.model_name_or_path, config=config)
+    if model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+        if not (model_args.vision_model_name_or_path and model_args.text_model_name_or_path):
+            raise ValueError("give both --vision_model_name_or_path and --text_model_name_or_path")
+        return model_class.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path,
+            model_args.text_model_name_or_path,
+            image_size=model_args.image_size,
+        )
+    config = AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
+    config = apply_config_overrides(config, model_args.config_overrides)
+    if model_args.image_size and model_args.image_size != config.image_size:
+        config = AlbefConfig(**{**config.to_dict(), "image_size": model_args.image_size})
+    return model_class(config)
+
+
+def build_processor(model_args: ModelArguments, image_size: int, default_max_length: int) -> AlbefProcessor:
+    source = model_args.processor_name or model_args.model_name_or_path
+    processor = None
+    if source:
+        try:
+            processor = AlbefProcessor.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            if model_args.processor_name:
+                raise
+            logger.info(
+                "no processor in %s (%s); building one from %s", source, error, model_args.tokenizer_name
+            )
+    if processor is None:
+        processor = AlbefProcessor(
+            AlbefImageProcessor(size=image_size), BertTokenizerFast.from_pretrained(model_args.tokenizer_name)
+        )
+    processor.image_processor.size = {"height": image_size, "width": image_size}
+    processor.max_length = model_args.max_length or (
+        processor.max_length if model_args.processor_name else default_max_length
+    )
+    processor.original_tokenization = model_args.original_tokenization or processor.original_tokenization
+    return processor
+
+
+def _synthetic_rows(split: str, count: int, image_size: int, seed: int) -> Any:
+    from albef_hf.data.synthetic import build_caption_dataset
+
+    return build_caption_dataset(split, count, seed=seed, image_size=image_size, one_row_per_caption=True)
+
+
+def build_train_dataset(data_args: DataArguments, image_size: int, seed: int) -> Any:
+    """One of: ALBEF json, webdataset shards, a Hugging Face dataset (incl. imagefolder, streaming), synthetic."""
+    sources = [bool(data_args.train_file), bool(data_args.train_shards), bool(data_args.dataset_name)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one training source: --train_file, --train_shards or --dataset_name")
+    if data_args.train_file:
+        return read_albef_json(data_args.train_file, data_args.image_root)
+    if data_args.train_shards:
+        return build_image_text_dataset(
+            data_args.train_shards, shuffle_buffer=data_args.shuffle_buffer, seed=seed
+        )
+    if data_args.dataset_name == "synthetic":
+        rows = _synthetic_rows("train", data_args.synthetic_images, image_size, seed)
+        return read_hf_dataset(
+            rows.to_iterable_dataset() if data_args.streaming else rows, id_column="image_id"
+        )
+    return build_image_text_dataset(
+        data_args.dataset_name,
+        split=data_args.train_split,
+        streaming=data_args.streaming,
+        load_kwargs={
+            "name": data_args.dataset_config_name,
+            "data_dir": data_args.data_dir,
+            "cache_dir": data_args.cache_dir,
+        },
+        image_column=data_args.image_column,
+        text_column=data_args.text_column,
+        image_root=data_args.image_root,
+        id_column=data_args.id_column,
+    )
+
+
+def build_eval_set(data_args: DataArguments, image_size: int, seed: int) -> Any:
+    """The retrieval test set, or None."""
+    if data_args.eval_file:
+        samples = read_albef_json(data_args.eval_file, data_args.eval_image_root or data_args.image_root)
+    elif data_args.eval_dataset_name == "synthetic":
+        from albef_hf.data.synthetic import build_retrieval_eval
+
+        return build_retrieval_eval(data_args.synthetic_eval_images, seed=seed, image_size=image_size)
+    elif data_args.eval_dataset_name:
+        samples = build_image_text_dataset(
+            data_args.eval_dataset_name,
+            split=data_args.eval_split,
+            load_kwargs={"name": data_args.dataset_config_name, "cache_dir": data_args.cache_dir},
+            image_column=data_args.image_column,
+            text_column=data_args.text_column,
+            id_column=data_args.id_column,
+        )
+    else:
+        return None
+    return retrieval_eval_set_from_samples(samples)
+
+
+def run(
+    model_class: type,
+    collator_class: type,
+    args_class: type[AlbefTrainingArguments],
+    crop: str,
+    default_max_length: int,
+    argv: list[str] | None = None,
+) -> AlbefTrainer:
+    """Parse the arguments, build everything, train / evaluate / save / push; returns the trainer."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, args_class))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(training_args)
+    transformers.set_seed(training_args.seed)
+
+    model = build_model(model_class, model_args)
+    image_size = model.config.image_size
+    processor = build_processor(model_args, image_size, default_max_length)
+    if len(processor.tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {model.config.text_config.vocab_size}"
+        )
+    train_dataset = (
+        build_train_dataset(data_args, image_size, training_args.seed) if training_args.do_train else None
+    )
+    eval_set = build_eval_set(data_args, image_size, training_args.seed)
+    if training_args.do_eval and eval_set is None:
+        raise ValueError("--do_eval needs a retrieval test set: --eval_file or --eval_dataset_name")
+    transform = build_train_transform(
+        image_size, crop, horizontal_flip=data_args.horizontal_flip, randaugment=data_args.randaugment
+    )
+    trainer = AlbefTrainer(
+        model,
+        training_args,
+        collator_class(processor, transform=transform),
+        train_dataset,
+        eval_set,
+        processing_class=processor,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        if training_args.do_train:
+            trainer.save_model()  # the card now carries the results
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return trainer

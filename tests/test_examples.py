@@ -1,0 +1,195 @@
+"""The example scripts end to end on a tiny model, reading each kind of data with a bad image and an empty caption."""
+
+import importlib.util
+import io
+import json
+import os
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config, tiny_processor
+from PIL import Image
+
+from albef_hf import AlbefForImageTextRetrieval, AlbefModel, AlbefProcessor
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+CAPTIONS = ["a red circle", "two dogs running", "a blue square", "a cat on the left", "a man", "three cats",
+            "a green triangle", "a small yellow circle"]  # fmt: skip
+BAD_IMAGE = b"\xff\xd8\xff\xe0 not really a jpeg"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def png(index):
+    pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_config().save_pretrained(folder / "config")
+    tiny_processor().save_pretrained(folder / "processor")
+    return folder
+
+
+def common_args(model_files, output_dir, *extra):
+    return [
+        "--config_name", str(model_files / "config"), "--processor_name", str(model_files / "processor"),
+        "--output_dir", str(output_dir), "--do_train", "--per_device_train_batch_size", "3", "--queue_size", "9",
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+        "--disable_tqdm", "true", "--warmup_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+def albef_json(folder):
+    """7 images, one with two captions, plus an unreadable image and an empty caption: 9 samples."""
+    images = folder / "images"
+    images.mkdir()
+    entries = []
+    for i, caption in enumerate(CAPTIONS[:7]):
+        (images / f"{i}.png").write_bytes(png(i))
+        entries.append({"image": f"{i}.png", "caption": [caption, "an image"] if i == 0 else caption})
+    (images / "bad.jpg").write_bytes(BAD_IMAGE)
+    entries.insert(3, {"image": "bad.jpg", "caption": "a broken picture"})
+    entries.append({"image": "1.png", "caption": "   "})
+    (folder / "train.json").write_text(json.dumps(entries))
+    return folder / "train.json", images
+
+
+def check_skips(trainer, expected):
+    """The reader counted exactly the expected bad samples, and the training logs report them."""
+    counts = trainer.train_dataset.skip_stats.as_dict()
+    assert counts == {reason: expected.get(reason, 0) for reason in counts}
+    for reason, count in expected.items():
+        assert any(entry.get(f"skipped_{reason}") == count for entry in trainer.state.log_history), reason
+
+
+def test_run_pretraining_on_albef_json_saves_a_loadable_model(tmp_path, model_files):
+    train_file, images = albef_json(tmp_path)
+    out = tmp_path / "out"
+    trainer = load_script("run_pretraining").main(
+        common_args(
+            model_files,
+            out,
+            "--train_file",
+            str(train_file),
+            "--image_root",
+            str(images),
+            "--num_train_epochs",
+            "1",
+            "--config_overrides",
+            "mlm_probability=0.3",
+        )  # fmt: skip
+    )
+    assert trainer.state.global_step == 3  # 8 captions + the bad image (substituted when drawn), batch 3
+    check_skips(trainer, {"unreadable_image": 1, "empty_text": 1})
+    model = AlbefModel.from_pretrained(out)
+    assert model.config.mlm_probability == 0.3
+    assert torch.equal(model.text_proj.weight, trainer.model.text_proj.weight)
+    assert AlbefProcessor.from_pretrained(out).max_length == tiny_processor().max_length
+    assert "momentum_state.safetensors" not in os.listdir(out) and "README.md" in os.listdir(out)
+
+
+def test_run_pretraining_on_an_imagefolder(tmp_path, model_files):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = []
+    for i, caption in enumerate(CAPTIONS[:5]):
+        (folder / f"{i}.png").write_bytes(png(i))
+        rows.append({"file_name": f"{i}.png", "text": caption})
+    (folder / "bad.png").write_bytes(BAD_IMAGE)
+    rows.insert(2, {"file_name": "bad.png", "text": "a broken picture"})
+    (folder / "5.png").write_bytes(png(5))
+    rows.append({"file_name": "5.png", "text": ""})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    trainer = load_script("run_pretraining").main(
+        common_args(
+            model_files,
+            tmp_path / "out",
+            "--dataset_name",
+            "imagefolder",
+            "--data_dir",
+            str(folder),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--num_train_epochs",
+            "1",
+        )  # fmt: skip
+    )
+    assert trainer.state.global_step == 2
+    check_skips(trainer, {"unreadable_image": 1, "empty_text": 1})
+
+
+def test_run_pretraining_on_webdataset_shards(tmp_path, model_files):
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as archive:
+            for i in range(4):
+                key = f"{shard}{i:04d}"
+                image = BAD_IMAGE if (shard, i) == (0, 0) else png(10 * shard + i)
+                text = "" if (shard, i) == (1, 0) else CAPTIONS[i + 4 * shard]
+                for suffix, data in (("jpg", image), ("txt", text.encode()), ("json", b"{}")):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    trainer = load_script("run_pretraining").main(
+        common_args(
+            model_files,
+            tmp_path / "out",
+            "--train_shards",
+            str(tmp_path / "{00000..00001}.tar"),
+            "--max_steps",
+            "2",
+            "--alpha_warmup_steps",
+            "0",
+        )  # fmt: skip
+    )
+    assert trainer.state.global_step == 2
+    check_skips(trainer, {"unreadable_image": 1, "empty_text": 1})
+
+
+def test_run_retrieval_trains_and_evaluates(tmp_path, model_files):
+    train_file, images = albef_json(tmp_path)
+    out = tmp_path / "out"
+    trainer = load_script("run_retrieval").main(
+        common_args(
+            model_files,
+            out,
+            "--train_file",
+            str(train_file),
+            "--image_root",
+            str(images),
+            "--eval_file",
+            str(train_file),
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--retrieval_k",
+            "4",
+        )  # fmt: skip
+    )
+    assert isinstance(trainer.model, AlbefForImageTextRetrieval)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"eval_txt_r1", "eval_img_r10", "eval_r_mean"} <= set(results)
+    assert "txt_r1" in (out / "README.md").read_text()
