@@ -73,3 +73,25 @@ def _register() -> None:
 
 
 _register()
+
+# Training and evaluation names load on first use: `import albef_hf` stays free of the Trainer machinery.
+_LAZY = {
+    "AlbefTrainer": "trainer",
+    "AlbefTrainingArguments": "trainer",
+    "MomentumTeacher": "momentum",
+    "FeatureQueues": "momentum",
+    "AlbefPretrainingCollator": "data.collators",
+    "AlbefRetrievalCollator": "data.collators",
+    "RetrievalEvalSet": "evaluation",
+    "evaluate_retrieval": "evaluation",
+    "itm_eval": "evaluation",
+}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
