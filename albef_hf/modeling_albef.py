@@ -363,6 +363,12 @@ class AlbefPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _no_split_modules = ["AlbefVisionBlock", "AlbefTextLayer"]
 
+    def __init__(self, config: AlbefConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # transformers resolves the attention implementation (SDPA by default) on the top-level config only, but the
+        # encoders read it from their sub-configs: hand it down, or they would silently run eager.
+        self.config._attn_implementation = self.config._attn_implementation
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
