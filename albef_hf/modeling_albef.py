@@ -271,11 +271,14 @@ class AlbefTeacherOutput(ModelOutput):
         image_feat: `(batch, embed_dim)` teacher image features of the batch.
         text_feat: `(batch, embed_dim)` teacher text features of the batch.
         mlm_logits: `(num_masked, vocab)` teacher MLM scores at the masked positions (pretraining only).
+        logits: the task head's scores of the downstream models: `(batch, num_labels)` for NLVR2 and SNLI-VE,
+            `(num_answers, answer_len, vocab)` answer-token scores of the VQA decoder.
     """
 
     image_feat: torch.Tensor | None = None
     text_feat: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass
