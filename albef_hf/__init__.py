@@ -19,6 +19,16 @@ from transformers import (
 )
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
+from .grounding import (
+    AlbefGradCamOutput,
+    box_iou,
+    gradcam_itc,
+    gradcam_itm,
+    grounding_accuracy,
+    score_boxes,
+    select_box,
+    upsample_heatmap,
+)
 from .image_processing_albef import AlbefImageProcessor
 from .losses import mask_tokens, sample_hard_negatives, sample_text_assignment, text_assignment_labels
 from .modeling_albef import (
@@ -59,6 +69,7 @@ __all__ = [
     "AlbefForTextAssignment",
     "AlbefForVisualEntailment",
     "AlbefForVisualReasoning",
+    "AlbefGradCamOutput",
     "AlbefImageProcessor",
     "AlbefInitReport",
     "AlbefModel",
@@ -74,13 +85,20 @@ __all__ = [
     "AlbefTextConfig",
     "AlbefVisionConfig",
     "answer_decoder_config",
+    "box_iou",
+    "gradcam_itc",
+    "gradcam_itm",
+    "grounding_accuracy",
     "interpolate_pos_embed",
     "mask_tokens",
     "pre_caption",
     "pre_question",
     "sample_hard_negatives",
     "sample_text_assignment",
+    "score_boxes",
+    "select_box",
     "text_assignment_labels",
+    "upsample_heatmap",
 ]
 
 
