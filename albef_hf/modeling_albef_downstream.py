@@ -448,6 +448,8 @@ class AlbefForQuestionAnswering(AlbefTaskModel, GenerationMixin):
                 `use_cache=True` creates one.
             interpolate_pos_encoding: run the image encoder at another resolution.
         """
+        if labels is not None and answer_input_ids is None:
+            raise ValueError("`labels` score answers: pass the answers as `answer_input_ids` too")
         image_embeds = None
         if question_states is None:
             question_states, question_attention_mask, image_embeds = self.encode_question(
@@ -595,7 +597,15 @@ class AlbefForQuestionAnswering(AlbefTaskModel, GenerationMixin):
         # transformers would size its default cache for the encoder's layers; this one grows with the decoder's.
         if use_cache is not False and generate_kwargs.get("cache") is None:
             generate_kwargs["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        bos = generate_kwargs.get("bos_token_id", generation_config.bos_token_id)
+        bos = next(
+            token
+            for token in (
+                generate_kwargs.get("bos_token_id"),
+                generation_config.bos_token_id,
+                self.config.decoder_config.cls_token_id,
+            )
+            if token is not None
+        )
         start = torch.full(
             (question_states.shape[0], 1), bos, dtype=torch.long, device=question_states.device
         )

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from safetensors import safe_open
-from transformers import AutoModelForVisualQuestionAnswering, DynamicCache, EncoderDecoderCache
+from transformers import (
+    AutoModelForVisualQuestionAnswering,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+)
 
 from albef_hf import (
     AlbefConfig,
@@ -660,10 +665,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_class, make_batch
     model = make(model_class).train()
     batch = make_batch()
     loss_of(model, batch).backward()
-    expected = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    expected = {
+        name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None
+    }
     model.zero_grad()
     model.activation_checkpointing_enable()
     loss_of(model, batch).backward()
     for name, param in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_generate_defaults_to_the_model_special_tokens():
+    model = make(AlbefForQuestionAnswering, seed=3).eval()
+    question_ids, question_mask = texts(2)
+    kwargs = {"input_ids": question_ids, "pixel_values": images(2), "attention_mask": question_mask}
+    expected = model.generate(**kwargs, max_new_tokens=4)
+    generated = model.generate(**kwargs, generation_config=GenerationConfig(max_new_tokens=4))
+    assert torch.equal(generated, expected) and (generated[:, 0] == CLS).all()
+    with pytest.raises(ValueError, match="answer_input_ids"):
+        model(**kwargs, labels=torch.zeros(2, 3, dtype=torch.long))
