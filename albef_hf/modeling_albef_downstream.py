@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig
 from .losses import (
@@ -44,6 +44,8 @@ from .modeling_albef import (
     interpolate_pos_embed,
 )
 from .modeling_albef_text import AlbefMLMHead, AlbefTextEncoderOutput, AlbefTextModel
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "AlbefAnswerRankingOutput",
@@ -166,6 +168,16 @@ class AlbefInitReport:
     initialized: dict[str, str] = field(default_factory=dict)
     unused: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line: how many tensors were copied, duplicated, interpolated, and which modules start fresh."""
+        fresh = sorted({_weight_group(key) for key in self.initialized})
+        return (
+            f"from {self.source}: {len(self.copied)} tensors copied, {len(self.duplicated)} duplicated, "
+            f"{len(self.interpolated)} interpolated, {len(self.initialized)} newly initialised"
+            + (f" ({', '.join(fresh)})" if fresh else "")
+            + f", {len(self.unused)} source tensors unused"
+        )
+
     def __str__(self) -> str:
         lines = [f"initialised from {self.source}"]
         for what, mapping in (("copied", self.copied), ("duplicated", self.duplicated)):
@@ -213,9 +225,10 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         cls,
         source: AlbefPreTrainedModel | str | os.PathLike,
         image_size: int | None = None,
+        output_loading_info: bool = False,
         load_kwargs: dict | None = None,
         **config_kwargs,
-    ) -> tuple[AlbefTaskModel, AlbefInitReport]:
+    ) -> AlbefTaskModel | tuple[AlbefTaskModel, AlbefInitReport]:
         """Build this task model from a pretrained ALBEF (a model, or a folder / Hub id that `from_pretrained` reads).
 
         Weights are taken as the original fine-tuning scripts take them; the rest are newly initialised.
@@ -225,20 +238,23 @@ class AlbefTaskModel(AlbefPreTrainedModel):
                 `AlbefForTextAssignment` model after text-assignment pretraining.
             image_size: fine-tune at this resolution (the original uses 384); position embeddings are resized
                 bicubically, as the original's `interpolate_pos_embed`.
+            output_loading_info: also return the `AlbefInitReport`.
             load_kwargs: passed to `from_pretrained` when `source` is a path.
             config_kwargs: configuration overrides (for example `initializer_range`).
 
         Returns:
-            `(model, report)`; `print(report)` lists what was copied, duplicated and newly initialised.
+            The model, or `(model, report)` with `output_loading_info=True`; `print(report)` lists, module by
+            module, what was copied, duplicated, interpolated and newly initialised (its summary is also logged).
         """
         source_model = _read_source(source, **(load_kwargs or {}))
         config = cls._task_config(source_model, image_size, **config_kwargs)
         model = cls(config)
         report = model._copy_from(source_model)
-        report.source = f"{type(source_model).__name__}" + (
-            f" ({source})" if not isinstance(source, nn.Module) else ""
+        report.source = type(source_model).__name__ + (
+            "" if isinstance(source, nn.Module) else f" ({source})"
         )
-        return model, report
+        logger.warning("%s.from_pretrained_albef %s", cls.__name__, report.summary())
+        return (model, report) if output_loading_info else model
 
     @classmethod
     def _task_config(

@@ -416,7 +416,9 @@ def test_vqa_folder_loads_with_the_auto_class_and_keeps_generation_settings(tmp_
 
 def test_vqa_from_pretrained_albef_copies_the_multimodal_layers_into_the_decoder():
     pretrained = make(AlbefForPreTraining)
-    model, report = AlbefForQuestionAnswering.from_pretrained_albef(pretrained, image_size=48)
+    model, report = AlbefForQuestionAnswering.from_pretrained_albef(
+        pretrained, image_size=48, output_loading_info=True
+    )
     source, target = pretrained.state_dict(), model.state_dict()
     fusion = pretrained.config.fusion_layer
     for i in range(pretrained.config.text_config.num_hidden_layers - fusion):
@@ -441,6 +443,7 @@ def test_vqa_from_pretrained_albef_copies_the_multimodal_layers_into_the_decoder
     assert report.interpolated == {"vision_model.pos_embed": "vision_model.pos_embed"}
     assert model.config.image_size == 48 and target["vision_model.pos_embed"].shape[1] == 37
     assert "text_decoder.encoder.layer.2: not in the source" in str(report)
+    assert "1 interpolated, 104 newly initialised (text_decoder.encoder.layer.2, " in report.summary()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def test_nlvr_checkpoint_stores_shared_weights_once_and_reloads_them_tied(tmp_pa
 
 def test_nlvr_layers_of_a_pair_compute_the_same_attention_for_identical_images():
     pretrained = make(AlbefForPreTraining)
-    model, report = AlbefForVisualReasoning.from_pretrained_albef(pretrained)
+    model, report = AlbefForVisualReasoning.from_pretrained_albef(pretrained, output_loading_info=True)
     model.eval()
     assert report.duplicated["text_encoder.encoder.layer.5.output.dense.weight"] == (
         "text_encoder.encoder.layer.3.output.dense.weight"
@@ -539,8 +542,8 @@ def test_nlvr_rejects_a_config_with_an_odd_number_of_fusion_layers():
 
 
 def test_nlvr_from_the_text_assignment_model_copies_every_encoder_weight():
-    ta_model, _ = AlbefForTextAssignment.from_pretrained_albef(make(AlbefForPreTraining))
-    model, report = AlbefForVisualReasoning.from_pretrained_albef(ta_model)
+    ta_model = AlbefForTextAssignment.from_pretrained_albef(make(AlbefForPreTraining))
+    model, report = AlbefForVisualReasoning.from_pretrained_albef(ta_model, output_loading_info=True)
     assert model.config.text_config.num_hidden_layers == 6
     assert not report.duplicated
     assert all(key.startswith("cls_head.") for key in report.initialized)
@@ -552,7 +555,7 @@ def test_nlvr_from_the_text_assignment_model_copies_every_encoder_weight():
 def test_from_pretrained_albef_reads_a_saved_folder(tmp_path):
     pretrained = make(AlbefForPreTraining)
     pretrained.save_pretrained(tmp_path)
-    model, report = AlbefForVisualEntailment.from_pretrained_albef(tmp_path)
+    model, report = AlbefForVisualEntailment.from_pretrained_albef(tmp_path, output_loading_info=True)
     assert report.source.startswith("AlbefForPreTraining")
     assert torch.equal(
         model.state_dict()["text_encoder.encoder.layer.3.crossattention.self.key.weight"],
