@@ -213,6 +213,17 @@ def _read_source(source: AlbefPreTrainedModel | str | os.PathLike, **load_kwargs
     return classes[architecture].from_pretrained(source, **load_kwargs)
 
 
+# What describes the source model rather than the architecture: not carried over to the task model's config.
+_SOURCE_ONLY_CONFIG_KEYS = (
+    "architectures",
+    "auto_map",
+    "id2label",
+    "label2id",
+    "_name_or_path",
+    "transformers_version",
+)
+
+
 class AlbefTaskModel(AlbefPreTrainedModel):
     """Base of the task models: initialisation from a pretrained ALBEF, shared by every task.
 
@@ -240,7 +251,8 @@ class AlbefTaskModel(AlbefPreTrainedModel):
                 bicubically, as the original's `interpolate_pos_embed`.
             output_loading_info: also return the `AlbefInitReport`.
             load_kwargs: passed to `from_pretrained` when `source` is a path.
-            config_kwargs: configuration overrides (for example `initializer_range`).
+            config_kwargs: configuration overrides, for example `decoder_config=answer_decoder_config(text_config,
+                num_layers=4)` for a VQA decoder of another depth.
 
         Returns:
             The model, or `(model, report)` with `output_loading_info=True`; `print(report)` lists, module by
@@ -260,16 +272,7 @@ class AlbefTaskModel(AlbefPreTrainedModel):
     def _task_config(
         cls, source: AlbefPreTrainedModel, image_size: int | None, **config_kwargs
     ) -> AlbefConfig:
-        config = source.config.to_dict()
-        for key in (
-            "architectures",
-            "auto_map",
-            "id2label",
-            "label2id",
-            "_name_or_path",
-            "transformers_version",
-        ):
-            config.pop(key, None)
+        config = {k: v for k, v in source.config.to_dict().items() if k not in _SOURCE_ONLY_CONFIG_KEYS}
         config["decoder_config"] = None
         if image_size is not None:
             config["image_size"] = image_size
@@ -303,7 +306,8 @@ class AlbefTaskModel(AlbefPreTrainedModel):
                 continue
             target.copy_(value)
             kind[key] = source_key
-        report.unused = sorted(set(source_state) - set(plan.values()))
+        used = {*report.copied.values(), *report.duplicated.values(), *report.interpolated.values()}
+        report.unused = sorted(set(source_state) - used)
         return report
 
 
