@@ -30,6 +30,8 @@ from albef_hf import (
 
 CLS, SEP, PAD = 2, 3, 0
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def spread_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Redraw the weights at O(1) scale, so that outputs depend clearly on the inputs (no near-ties)."""

@@ -21,6 +21,8 @@ from albef_hf import (
 
 CLS, PAD = 2, 0
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def model_with(num_text_layers: int = 4) -> AlbefForImageTextRetrieval:
     config = tiny_config().to_dict()

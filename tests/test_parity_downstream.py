@@ -21,6 +21,8 @@ from albef_hf import (
 
 TOLERANCE = 1e-4
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape
