@@ -19,6 +19,8 @@ from albef_hf.data.transforms import build_train_transform
 
 PAD, UNK, CLS, SEP, MASK = range(5)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def samples(count=4, keyed=True):
     images = random_images(count)

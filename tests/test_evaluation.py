@@ -14,6 +14,8 @@ from albef_hf.evaluation import (
     retrieval_eval_set_from_samples,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def brute_force_recalls(scores_i2t, scores_t2i, txt2img, img2txt):
     """Recall by counting, per query, the candidates that score strictly higher than its best positive."""

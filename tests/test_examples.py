@@ -21,12 +21,7 @@ CAPTIONS = ["a red circle", "two dogs running", "a blue square", "a cat on the l
 BAD_IMAGE = b"\xff\xd8\xff\xe0 not really a jpeg"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script(name):

@@ -16,6 +16,8 @@ from albef_hf.momentum import (
     save_momentum_state,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture
 def student():
