@@ -39,10 +39,20 @@ BATCH, TEXT_LENGTH, QUEUE = 16, 30, 1024
 
 def small_config() -> AlbefConfig:
     vision = AlbefVisionConfig(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, image_size=128, patch_size=16
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        image_size=128,
+        patch_size=16,
     )
     text = AlbefTextConfig(
-        vocab_size=30522, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, fusion_layer=3
+        vocab_size=30522,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        fusion_layer=3,
     )
     return AlbefConfig(vision_config=vision, text_config=text, embed_dim=256)
 

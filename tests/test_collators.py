@@ -128,3 +128,18 @@ def test_keyed_sampler_and_dataset_give_epoch_keys():
     assert sample[SAMPLE_KEY] == (1, second[0] - 5) and sample["text"] == str(second[0] - 5)
     loader = DataLoader(dataset, sampler=sampler, batch_size=2, collate_fn=list)
     assert [s[SAMPLE_KEY][0] for batch in loader for s in batch] == [1] * 5
+
+
+def test_batches_do_not_depend_on_dataloader_workers():
+    dataset = KeyedDataset(samples(8, keyed=False))
+    collator = AlbefPretrainingCollator(tiny_processor(), transform=build_train_transform(32), seed=5)
+
+    def batches(workers):
+        sampler = EpochKeyedSampler(len(dataset), seed=0)
+        sampler.set_epoch(1)
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=collator, num_workers=workers)
+        return list(loader)
+
+    for serial, parallel in zip(batches(0), batches(2), strict=True):
+        for key in serial:
+            assert torch.equal(serial[key], parallel[key]), key

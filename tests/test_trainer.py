@@ -14,6 +14,7 @@ from trainer_helpers import tiny_pretraining_model, tiny_samples, tiny_trainer
 from albef_hf import AlbefForImageTextRetrieval, AlbefModel
 from albef_hf.data.collators import AlbefRetrievalCollator
 from albef_hf.evaluation import RetrievalEvalSet
+from albef_hf.momentum import save_momentum_state
 from albef_hf.trainer import (
     AlbefTrainer,
     AlbefTrainingArguments,
@@ -277,3 +278,23 @@ def test_learning_rate_schedule_is_exact_per_epoch_in_the_trainer(tmp_path):
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     second_epoch = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi / 2))
     assert logged == pytest.approx([1e-3] * 4 + [second_epoch] * 4)
+
+
+def test_continued_pretraining_starts_from_a_momentum_state_file(tmp_path):
+    """--momentum_state_path (e.g. written by the converter) sets the teacher and the queues before step 0."""
+    source = tiny_trainer(str(tmp_path / "source"))
+    source.setup_momentum()
+    with torch.no_grad():
+        for param in source.teacher.parameters():
+            param.add_(1.0)
+    source.queues.enqueue(torch.randn(4, 16), torch.randn(4, 16))
+    path = tmp_path / "momentum_state.safetensors"
+    save_momentum_state(path, source.teacher, source.queues)
+
+    trainer = tiny_trainer(str(tmp_path / "run"), momentum_state_path=str(path))
+    trainer.setup_momentum()
+    for a, b in zip(trainer.teacher.parameters(), source.teacher.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(trainer.queues.image, source.queues.image) and trainer.queues.ptr == 4
+    with pytest.raises(ValueError, match="not a file"):
+        AlbefTrainingArguments(str(tmp_path), momentum_state_path=str(tmp_path / "missing.safetensors"))
