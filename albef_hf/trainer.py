@@ -309,7 +309,9 @@ class AlbefTrainer(Trainer):
         if not isinstance(args, AlbefTrainingArguments):
             raise TypeError(f"AlbefTrainer needs AlbefTrainingArguments, got {type(args).__name__}")
         config = model.config
-        weights = (config.itc_weight, config.itm_weight, getattr(config, "mlm_weight", 1.0))
+        weights = [config.itc_weight, config.itm_weight]
+        if isinstance(model, AlbefForPreTraining):
+            weights.append(config.mlm_weight)
         if args.ddp_find_unused_parameters is None and min(weights) == 0:
             args.ddp_find_unused_parameters = True  # a switched-off objective leaves its head without grads
         if data_collator is None:

@@ -12,6 +12,8 @@ Batches are pre-built tensors, so data loading is not measured.
 
 Each precision runs in its own process, so that its peak memory is its own (CPU: peak resident set size of
 the process, and its growth over the process before the Trainer is built; GPU: peak allocated memory).
+`median_cpu_s_per_step` is the process CPU time of a step (all threads): on a busy machine, wall time
+suffers from other processes, CPU time much less (with one thread it estimates the undisturbed wall time).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (from `on_step_begin`, after the batches are fetched, to `on_step_end`)."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.times, self._start = device, [], 0.0
+        self.device, self.times, self.cpu_times, self._start, self._cpu_start = device, [], [], 0.0, 0.0
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -96,11 +98,12 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
 def measure(precision: str, steps: int, warmup: int, threads: int, device: str) -> dict:
@@ -142,6 +145,7 @@ def measure(precision: str, steps: int, warmup: int, threads: int, device: str) 
         "mean_s_per_step": round(statistics.mean(measured), 4),
         "min_s_per_step": round(min(measured), 4),
         "samples_per_s": round(BATCH / step, 2),
+        "median_cpu_s_per_step": round(statistics.median(timer.cpu_times[warmup:]), 4),
     }
     if device == "cuda":
         result["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
