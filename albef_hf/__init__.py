@@ -4,6 +4,11 @@ Importing the package registers the ALBEF classes with the transformers Auto cla
 `AutoConfig`, `AutoModel`, `AutoModelForPreTraining`, `AutoModelForZeroShotImageClassification`,
 `AutoImageProcessor` and `AutoProcessor` load ALBEF folders, and marks them for `register_for_auto_class`
 so that a saved folder carries its code and loads with `trust_remote_code=True` where albef_hf is absent.
+
+It also registers the ALBEF pipelines with transformers' `pipeline()`: `image-text-matching`,
+`image-text-retrieval`, and `feature-extraction` for ALBEF models (other models keep the built-in pipeline);
+`zero-shot-image-classification` is the built-in pipeline through `AlbefModel`. A saved folder declares the
+pipelines its model serves in `config.custom_pipelines` and carries their code, for `trust_remote_code=True`.
 """
 
 from transformers import (
@@ -14,6 +19,7 @@ from transformers import (
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .image_processing_albef import AlbefImageProcessor
@@ -30,21 +36,35 @@ from .modeling_albef import (
     AlbefTeacherOutput,
     interpolate_pos_embed,
 )
+from .pipelines_albef import (
+    AlbefFeatureExtractionPipeline,
+    AlbefImageTextMatchingPipeline,
+    AlbefImageTextRetrievalPipeline,
+    AlbefPipeline,
+    FeatureExtractionDispatch,
+    checkpoint_loader,
+)
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
+from .retrieval_index import AlbefRetrievalIndex
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlbefConfig",
+    "AlbefFeatureExtractionPipeline",
     "AlbefForImageTextRetrieval",
     "AlbefForPreTraining",
     "AlbefImageProcessor",
+    "AlbefImageTextMatchingPipeline",
+    "AlbefImageTextRetrievalPipeline",
     "AlbefModel",
     "AlbefOutput",
+    "AlbefPipeline",
     "AlbefPreTrainedModel",
     "AlbefPreTrainingOutput",
     "AlbefProcessor",
     "AlbefRankingOutput",
+    "AlbefRetrievalIndex",
     "AlbefRetrievalOutput",
     "AlbefTeacherOutput",
     "AlbefTextConfig",
@@ -70,6 +90,29 @@ def _register() -> None:
     AlbefForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     AlbefImageProcessor.register_for_auto_class("AutoImageProcessor")
     AlbefProcessor.register_for_auto_class("AutoProcessor")
+    _register_pipelines()
+
+
+def _register_pipelines() -> None:
+    matching_models = (AlbefForPreTraining, AlbefForImageTextRetrieval)
+    for task, pipeline_class in (
+        ("image-text-matching", AlbefImageTextMatchingPipeline),
+        ("image-text-retrieval", AlbefImageTextRetrievalPipeline),
+    ):
+        PIPELINE_REGISTRY.register_pipeline(
+            task, pipeline_class, pt_model=checkpoint_loader(task, matching_models), type="multimodal"
+        )
+    # The built-in task keeps its entry (default model, AutoModel) and serves every other model as before.
+    PIPELINE_REGISTRY.supported_tasks["feature-extraction"]["impl"] = FeatureExtractionDispatch
+
+    AlbefPreTrainedModel.folder_pipelines.update(
+        {
+            "image-text-matching": AlbefImageTextMatchingPipeline,
+            "image-text-retrieval": AlbefImageTextRetrievalPipeline,
+            "feature-extraction": AlbefFeatureExtractionPipeline,
+        }
+    )
+    AlbefConfig.pipelines_registered = True
 
 
 _register()

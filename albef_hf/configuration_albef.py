@@ -180,6 +180,10 @@ class AlbefConfig(PreTrainedConfig):
 
     model_type = "albef"
     sub_configs = {"vision_config": AlbefVisionConfig, "text_config": AlbefTextConfig}
+    # Set by albef_hf's registration, never where this module serves as remote code: the package's own pipelines
+    # then serve the tasks a saved folder declares in `custom_pipelines`, and the declaration is dropped on load
+    # (transformers would otherwise ask for trust_remote_code for them).
+    pipelines_registered = False
 
     def __init__(
         self,
@@ -219,6 +223,8 @@ class AlbefConfig(PreTrainedConfig):
         self.mlm_weight = mlm_weight
         self.hard_negatives = hard_negatives
         self.initializer_range = initializer_range
+        if type(self).pipelines_registered:
+            kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
 
     @property
