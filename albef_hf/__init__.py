@@ -22,7 +22,7 @@ from transformers import (
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
-from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import (
@@ -66,6 +66,8 @@ from .pipelines_albef import (
     AlbefImageTextMatchingPipeline,
     AlbefImageTextRetrievalPipeline,
     AlbefPipeline,
+    AlbefVisualGroundingPipeline,
+    AlbefVisualQuestionAnsweringPipeline,
     FeatureExtractionDispatch,
     checkpoint_loader,
 )
@@ -104,6 +106,8 @@ __all__ = [
     "AlbefTextAssignmentOutput",
     "AlbefTextConfig",
     "AlbefVisionConfig",
+    "AlbefVisualGroundingPipeline",
+    "AlbefVisualQuestionAnsweringPipeline",
     "answer_decoder_config",
     "box_iou",
     "gradcam_itc",
@@ -140,25 +144,38 @@ def _register() -> None:
     _register_pipelines()
 
 
-def _register_pipelines() -> None:
-    matching_models = (AlbefForPreTraining, AlbefForImageTextRetrieval)
-    for task, pipeline_class in (
-        ("image-text-matching", AlbefImageTextMatchingPipeline),
-        ("image-text-retrieval", AlbefImageTextRetrievalPipeline),
-    ):
-        PIPELINE_REGISTRY.register_pipeline(
-            task, pipeline_class, pt_model=checkpoint_loader(task, matching_models), type="multimodal"
-        )
-    # The built-in task keeps its entry (default model, AutoModel) and serves every other model as before.
-    PIPELINE_REGISTRY.supported_tasks["feature-extraction"]["impl"] = FeatureExtractionDispatch
+# The tasks albef_hf serves with `pipeline()`, the ALBEF classes whose checkpoints serve each, and its pipeline.
+PIPELINE_TASKS = {
+    "image-text-matching": (
+        AlbefImageTextMatchingPipeline,
+        (AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+    "image-text-retrieval": (
+        AlbefImageTextRetrievalPipeline,
+        (AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+    "visual-grounding": (AlbefVisualGroundingPipeline, (AlbefForPreTraining, AlbefForImageTextRetrieval)),
+    "visual-question-answering": (AlbefVisualQuestionAnsweringPipeline, (AlbefForQuestionAnswering,)),
+    "feature-extraction": (
+        AlbefFeatureExtractionPipeline,
+        (AlbefModel, AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+}
 
-    AlbefPreTrainedModel.folder_pipelines.update(
-        {
-            "image-text-matching": AlbefImageTextMatchingPipeline,
-            "image-text-retrieval": AlbefImageTextRetrievalPipeline,
-            "feature-extraction": AlbefFeatureExtractionPipeline,
-        }
-    )
+
+def _register_pipelines() -> None:
+    # transformers 5 removed its visual-question-answering pipeline and refuses the name before looking at the
+    # registry; the ALBEF pipeline serves ALBEF VQA checkpoints under it (others are refused by its loader).
+    REMOVED_TASKS.pop("visual-question-answering", None)
+    for task, (pipeline_class, model_classes) in PIPELINE_TASKS.items():
+        if task == "feature-extraction":
+            # The built-in task keeps its entry (default model, AutoModel) and serves every other model as before.
+            PIPELINE_REGISTRY.supported_tasks[task]["impl"] = FeatureExtractionDispatch
+        else:
+            PIPELINE_REGISTRY.register_pipeline(
+                task, pipeline_class, pt_model=checkpoint_loader(task, model_classes), type="multimodal"
+            )
+        AlbefPreTrainedModel.folder_pipelines[task] = pipeline_class
     AlbefConfig.pipelines_registered = True
 
 

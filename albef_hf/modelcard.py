@@ -39,13 +39,14 @@ PIPELINES = {
         "image-text-matching",
         "image-text-retrieval",
         "feature-extraction",
+        "visual-grounding",
         "zero-shot-image-classification",
     ),
-    "retrieval": ("image-text-matching", "image-text-retrieval", "feature-extraction"),
-    "vqa": (),
+    "retrieval": ("image-text-matching", "image-text-retrieval", "feature-extraction", "visual-grounding"),
+    "vqa": ("visual-question-answering",),
     "nlvr": (),
     "ve": (),
-    "grounding": ("image-text-matching",),
+    "grounding": ("visual-grounding", "image-text-matching", "image-text-retrieval", "feature-extraction"),
 }
 
 _MODEL_CLASS_TASKS = {

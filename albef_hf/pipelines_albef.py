@@ -1,4 +1,5 @@
-"""transformers pipelines for ALBEF: image-text matching, retrieval and feature extraction.
+"""transformers pipelines for ALBEF: image-text matching, retrieval, feature extraction, visual question
+answering and visual grounding.
 
 Each pipeline reads images as PIL images, numpy arrays, torch tensors, paths, `file://` URLs, http(s) URLs or
 base64 strings (transformers' `load_image`), and texts as strings; it takes one item or a list, batches with
@@ -27,6 +28,7 @@ from transformers.image_utils import load_image as transformers_load_image
 from transformers.pipelines import FeatureExtractionPipeline, Pipeline
 from transformers.utils import logging
 
+from .grounding import gradcam_itc, gradcam_itm, score_boxes, upsample_heatmap
 from .image_processing_albef import to_pil_rgb
 from .processing_albef import AlbefProcessor
 from .retrieval_index import AlbefRetrievalIndex
@@ -36,9 +38,12 @@ __all__ = [
     "AlbefImageTextMatchingPipeline",
     "AlbefImageTextRetrievalPipeline",
     "AlbefPipeline",
+    "AlbefVisualGroundingPipeline",
+    "AlbefVisualQuestionAnsweringPipeline",
     "FeatureExtractionDispatch",
     "checkpoint_loader",
     "load_image",
+    "overlay_heatmap",
 ]
 
 logger = logging.get_logger(__name__)
@@ -143,11 +148,11 @@ def _as_list(value: Any, name: str) -> list[Any]:
     return items
 
 
-def pair_inputs(images: Any, texts: Any) -> tuple[list[dict[str, Any]], bool]:
+def pair_inputs(images: Any, texts: Any, text_key: str = "text") -> tuple[list[dict[str, Any]], bool]:
     """Normalise `(images, texts)` into a list of `{"image", "text"}` pairs, and whether one pair was given.
 
     Accepted: one image and one text; one image and a list of texts (the image with each text) or the reverse;
-    two lists of one length (image i with text i); or, with `texts=None`, a `{"image", "text"}` dict or a list
+    two lists of one length (image i with text i); or, with `texts=None`, a `{"image", text_key}` dict or a list
     of them.
 
     Raises:
@@ -156,11 +161,12 @@ def pair_inputs(images: Any, texts: Any) -> tuple[list[dict[str, Any]], bool]:
     if texts is None:
         single = isinstance(images, dict)
         items = _as_list(images, "inputs")
-        if not all(isinstance(item, dict) and {"image", "text"} <= item.keys() for item in items):
+        if not all(isinstance(item, dict) and {"image", text_key} <= item.keys() for item in items):
             raise ValueError(
-                "give images with `text=...`, or {'image': ..., 'text': ...} dicts: got no text for the images"
+                f"give images with `{text_key}=...`, or {{'image': ..., '{text_key}': ...}} dicts: "
+                f"got no {text_key} for the images"
             )
-        pairs = [{"image": item["image"], "text": item["text"]} for item in items]
+        pairs = [{"image": item["image"], "text": item[text_key]} for item in items]
     else:
         single = not _is_batch(images) and not _is_batch(texts)
         image_list, text_list = _as_list(images, "images"), _as_list(texts, "texts")
@@ -636,6 +642,226 @@ class AlbefFeatureExtractionPipeline(AlbefPipeline):
 
 def _is_dicts(value: Any) -> bool:
     return isinstance(value, dict) or (_is_batch(value) and bool(value) and isinstance(value[0], dict))
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual question answering
+# ----------------------------------------------------------------------------------------------
+
+
+class AlbefVisualQuestionAnsweringPipeline(AlbefPipeline):
+    """Answers questions about images with `AlbefForQuestionAnswering`.
+
+    - With `candidate_answers` (a closed answer list, as ALBEF is evaluated on VQA): the answers ranked as the
+      original (first-token shortlist of `k`), `top_k` of them (5 by default) as `{"answer", "score"}` with
+      `score` the probability renormalised over the shortlist.
+    - Without: free generation (`generate_kwargs` go to `model.generate`; `max_new_tokens` 10 by default): one
+      answer, or with `top_k > 1` that many from beam search. Results are `{"answer"}` dicts, best first.
+
+    Questions are cleaned as the original cleans them (`pre_question`) unless the processor's normalisation is off.
+
+    Example:
+        >>> vqa = pipeline("visual-question-answering", model="path/to/albef-vqa")
+        >>> vqa(image, "what colour is the circle?", candidate_answers=["red", "blue", "green"], top_k=2)
+        [{'answer': 'red', 'score': 0.93}, {'answer': 'blue', 'score': 0.05}]
+
+    Call with `(image, question)`, lists as in image-text-matching, or `{"image", "question"}` dicts; one question
+    gives one list of answers, a list gives a list of lists.
+    """
+
+    checkpoint_classes = ("AlbefForQuestionAnswering",)
+    required_methods = ("encode_question", "rank_answers", "generate")
+
+    def __call__(self, images: Any, question: str | list[str] | None = None, **kwargs):
+        pairs, single = pair_inputs(images, question, text_key="question")
+        results = super().__call__(pairs, **kwargs)
+        return results[0] if single else results
+
+    def _sanitize_parameters(
+        self,
+        candidate_answers: Sequence[str] | None = None,
+        top_k: int | None = None,
+        k: int | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
+    ):
+        preprocess, _, _ = super()._sanitize_parameters(timeout=timeout)
+        forward, postprocess = {}, {}
+        if candidate_answers is not None:
+            answers = _as_list(candidate_answers, "candidate answers")
+            for position, answer in enumerate(answers):
+                check_text(answer, position)
+            postprocess["answers"] = answers
+            forward["answer_tokens"] = dict(
+                self.processor.tokenizer(
+                    answers, padding="longest", return_token_type_ids=False, return_tensors="pt"
+                )
+            )
+        if top_k is not None:
+            forward["top_k"] = _positive(top_k, "top_k")
+        if k is not None:
+            forward["k"] = _positive(k, "k")
+        if generate_kwargs is not None or max_new_tokens is not None:
+            forward["generate_kwargs"] = {
+                **(generate_kwargs or {}),
+                **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}),
+            }
+        return preprocess, forward, postprocess
+
+    def preprocess(self, pair: dict[str, Any], timeout: float | None = None) -> dict[str, torch.Tensor]:
+        normalization = None if self.processor.text_normalization is None else "question"
+        question = self.processor(text=[pair["text"]], text_normalization=normalization, return_tensors="pt")
+        return {**self.process_image(pair["image"], timeout), **question}
+
+    def _forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        answer_tokens: dict[str, torch.Tensor] | None = None,
+        top_k: int | None = None,
+        k: int = 128,
+        generate_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        question = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+        if answer_tokens is not None:
+            num_answers, top_k = answer_tokens["input_ids"].shape[0], top_k or 5
+            ranking = self.model.rank_answers(
+                answer_input_ids=answer_tokens["input_ids"].to(self.device),
+                answer_attention_mask=answer_tokens["attention_mask"].to(self.device),
+                k=max(k, min(top_k, num_answers)),
+                **question,
+            )
+            count = min(top_k, num_answers)
+            return {"answer_ids": ranking.answer_ids[:, :count], "probs": ranking.probs[:, :count]}
+        generate_kwargs = {"max_new_tokens": 10, **(generate_kwargs or {})}
+        if top_k is not None and top_k > 1:
+            generate_kwargs.setdefault("num_beams", top_k)
+            generate_kwargs["num_return_sequences"] = top_k
+        sequences = self.model.generate(**question, **generate_kwargs)
+        return {"sequences": sequences.reshape(question["input_ids"].shape[0], -1, sequences.shape[-1])}
+
+    def postprocess(self, outputs: dict[str, Any], answers: list[str] | None = None) -> list[dict[str, Any]]:
+        if "sequences" in outputs:
+            texts = self.processor.batch_decode(outputs["sequences"][0], skip_special_tokens=True)
+            return [{"answer": text.strip()} for text in texts]
+        return [
+            {"answer": answers[int(index)], "score": float(prob)}
+            for index, prob in zip(outputs["answer_ids"][0], outputs["probs"][0].float(), strict=True)
+        ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual grounding
+# ----------------------------------------------------------------------------------------------
+
+
+class AlbefVisualGroundingPipeline(AlbefPipeline):
+    """Where in the image a referring expression is: ALBEF's weakly-supervised grounding by Grad-CAM.
+
+    Each result has `heatmap`, a float32 `(height, width)` array over the input image's pixels (the Grad-CAM map
+    of the ITM "match" logit on a fusion layer's cross-attention, upsampled bicubically), `overlay`, the image
+    with the normalised heatmap blended over it (a PIL image), and `score`, the score the map explains (the ITM
+    "match" logit; with `mode="itc"`, the ITC similarity over the temperature and a ViT block's map). Given
+    candidate `boxes` (`[x, y, width, height]` in the image's pixels), it also has `box`, the chosen box,
+    `box_index` and `box_scores` (heatmap mass in each box over the square root of its area, as the original).
+
+    Example:
+        >>> grounder = pipeline("visual-grounding", model="path/to/albef")
+        >>> result = grounder(image, "the red circle", boxes=[[0, 0, 32, 32], [32, 0, 32, 32]])
+        >>> result["box"], result["overlay"].save("where.png")
+
+    Call with `(image, text)`, lists as in image-text-matching, or `{"image", "text", "boxes"}` dicts (boxes
+    per image); `boxes=` applies to every image of the call.
+    """
+
+    checkpoint_classes = ("AlbefForPreTraining", "AlbefForImageTextRetrieval")
+    required_methods = ("encode_image", "text_encoder", "itm_head")
+
+    def __call__(self, images: Any, text: str | list[str] | None = None, **kwargs):
+        pairs, single = pair_inputs(images, text)
+        if text is None:
+            for pair, item in zip(pairs, _as_list(images, "inputs"), strict=True):
+                if "boxes" in item:
+                    pair["boxes"] = _check_boxes(item["boxes"])
+        results = super().__call__(pairs, **kwargs)
+        return results[0] if single else results
+
+    def _sanitize_parameters(
+        self,
+        boxes: Sequence[Sequence[float]] | None = None,
+        mode: str | None = None,
+        layer: int | None = None,
+        alpha: float | None = None,
+        timeout: float | None = None,
+    ):
+        preprocess, _, _ = super()._sanitize_parameters(timeout=timeout)
+        if boxes is not None:
+            preprocess["boxes"] = _check_boxes(boxes)
+        forward = {} if layer is None else {"layer": layer}
+        if mode is not None:
+            if mode not in ("itm", "itc"):
+                raise ValueError(f"mode must be 'itm' or 'itc', got {mode!r}")
+            forward["mode"] = mode
+        postprocess = {} if alpha is None else {"alpha": float(alpha)}
+        return preprocess, forward, postprocess
+
+    def preprocess(
+        self, pair: dict[str, Any], boxes: list[list[float]] | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        image = load_image(pair["image"], timeout=timeout)
+        inputs = self.processor(images=[image], text=[pair["text"]], pairs=True, return_tensors="pt")
+        return {**inputs, "image": image, "boxes": pair.get("boxes", boxes)}
+
+    def _forward(self, inputs: dict[str, Any], mode: str = "itm", layer: int | None = None) -> dict[str, Any]:
+        gradcam = gradcam_itm if mode == "itm" else gradcam_itc
+        cam = gradcam(
+            self.model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], layer=layer
+        )
+        return {
+            "gradcam": cam.gradcam,
+            "score": cam.scores,
+            "image": inputs["image"],
+            "boxes": inputs["boxes"],
+        }
+
+    def postprocess(self, outputs: dict[str, Any], alpha: float = 0.5) -> dict[str, Any]:
+        image = outputs["image"]
+        heatmap = upsample_heatmap(outputs["gradcam"].float(), (image.height, image.width))[0]
+        result = {
+            "heatmap": heatmap.numpy(),
+            "overlay": overlay_heatmap(image, heatmap.numpy()),
+            "score": outputs["score"].float()[0].item(),
+        }
+        if outputs["boxes"] is not None:
+            scores = score_boxes(heatmap, outputs["boxes"], alpha)
+            best = int(scores.argmax())
+            result.update(box=list(outputs["boxes"][best]), box_index=best, box_scores=scores.tolist())
+        return result
+
+
+def _check_boxes(boxes: Any) -> list[list[float]]:
+    if not _is_batch(boxes) or not boxes:
+        raise ValueError(f"boxes must be a non-empty list of [x, y, width, height], got {boxes!r}")
+    checked = []
+    for position, box in enumerate(boxes):
+        values = list(box) if _is_batch(box) or isinstance(box, (np.ndarray, torch.Tensor)) else None
+        if values is None or len(values) != 4:
+            raise ValueError(f"box {position}: expected [x, y, width, height], got {box!r}")
+        values = [float(v) for v in values]
+        if values[2] <= 0 or values[3] <= 0:
+            raise ValueError(f"box {position}: width and height must be positive, got {box!r}")
+        checked.append(values)
+    return checked
+
+
+def overlay_heatmap(image: PIL.Image.Image, heatmap: np.ndarray, opacity: float = 0.5) -> PIL.Image.Image:
+    """`image` with `heatmap` (same size, normalised to its maximum) blended over it in a blue-to-red colour map."""
+    peak = float(heatmap.max())
+    level = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
+    # a "jet"-like map: blue (low) -> cyan -> yellow -> red (high)
+    colours = np.stack([np.clip(1.5 - np.abs(4 * level - offset), 0, 1) for offset in (3, 2, 1)], axis=-1)
+    heat = PIL.Image.fromarray((colours * 255).astype(np.uint8))
+    return PIL.Image.blend(image.convert("RGB"), heat, opacity)
 
 
 # ----------------------------------------------------------------------------------------------
