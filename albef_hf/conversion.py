@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -59,6 +58,7 @@ __all__ = [
     "load_original_checkpoint",
     "main",
     "map_original_key",
+    "original_name",
     "push_to_hub_folder",
     "read_original_config",
 ]
@@ -153,16 +153,16 @@ def load_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for such files
+        reason = _unpickler_reason(error)
+        if "Unsupported global" in reason:
+            raise CheckpointError(
+                f"refusing to load {path!r}: it contains pickled objects other than tensors and plain "
+                "containers, and unpickling them could run arbitrary code. An original ALBEF checkpoint holds "
+                f"only tensors; this file is not one, or has been tampered with. (torch: {reason})"
+            ) from error
         raise CheckpointError(
-            f"refusing to load {path!r}: it contains pickled objects other than tensors and plain containers, "
-            "and unpickling them could run arbitrary code. An original ALBEF checkpoint holds only tensors; "
-            f"this file is not one, or has been tampered with. (torch said: {_first_line(error)})"
-        ) from error
-    except Exception as error:  # torch raises RuntimeError, EOFError, ... for files that are not checkpoints
-        raise CheckpointError(
-            f"{path!r} is not a PyTorch checkpoint that torch.load can read "
-            f"({type(error).__name__}: {_first_line(error)})"
+            f"{path!r} is not a PyTorch checkpoint that can be loaded safely ({reason})"
         ) from error
     state_dict = _find_state_dict(loaded, path)
     return OriginalCheckpoint(state_dict=state_dict, path=path, sha256=_sha256(path))
@@ -190,6 +190,15 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The informative line of a torch.load error (the weights-only unpickler buries it in advice)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        return " ".join(text.split(marker, 1)[1].split("Check the documentation")[0].split())
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:
@@ -297,8 +306,15 @@ _TIED_COPIES = (
 
 
 def _rules(layout: str, task: str) -> list[tuple[str, str | None]]:
-    rules = [*_COMMON_RULES, *_LAYOUT_RULES.get(layout, ()), *_TASK_RULES.get((layout, task), ())]
-    return sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
+    """The rules to try in order: the task's first (they override), then the longest prefix first."""
+
+    def longest_first(rules):
+        return sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
+
+    return [
+        *longest_first(_TASK_RULES.get((layout, task), ())),
+        *longest_first([*_COMMON_RULES, *_LAYOUT_RULES.get(layout, ())]),
+    ]
 
 
 def map_original_key(key: str, layout: str, task: str | None = None) -> tuple[str | None, bool]:
@@ -321,6 +337,20 @@ def map_original_key(key: str, layout: str, task: str | None = None) -> tuple[st
     raise CheckpointError(f"no mapping for key {key!r} of the original {layout!r} layout")
 
 
+def original_name(name: str, layout: str, task: str | None = None, teacher: bool = False) -> str:
+    """The original key an albef_hf weight name comes from (the inverse of `map_original_key`), for messages
+    about weights the checkpoint lacks."""
+    targets = [(source, target) for source, target in _rules(layout, task or layout) if target is not None]
+    for source, target in sorted(targets, key=lambda rule: len(rule[1]), reverse=True):
+        if (target.endswith(".") and name.startswith(target)) or name == target:
+            key = source + name[len(target) :]
+            if teacher:
+                root, _, rest = key.partition(".")
+                key = f"{root}_m.{rest}" if rest else f"{root}_m"
+            return key
+    return name
+
+
 @dataclass
 class ConvertedState:
     """A checkpoint's tensors sorted into what the converted folder holds.
@@ -330,6 +360,7 @@ class ConvertedState:
         teacher: the momentum encoders' weights, with the student's albef_hf names (no `teacher.` prefix).
         queues: `image_queue`, `text_queue` `(queue_size, embed_dim)`, `idx_queue` `(queue_size,)` and
             `queue_ptr` (0-dim), those the checkpoint has.
+        origin, teacher_origin: the original key of each model / teacher weight.
         checked: original keys that were verified (tied copies, position ids) and not kept.
         dropped: original keys deliberately left out for the target task.
     """
@@ -337,6 +368,8 @@ class ConvertedState:
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
     queues: dict[str, torch.Tensor] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+    teacher_origin: dict[str, str] = field(default_factory=dict)
     checked: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
 
@@ -355,7 +388,7 @@ def convert_state_dict(
     """
     task = task or layout
     converted = ConvertedState()
-    unmapped, origin = [], {}
+    unmapped = []
     for key, tensor in state_dict.items():
         if key in _QUEUE_KEYS:
             converted.queues[key] = tensor
@@ -368,48 +401,49 @@ def convert_state_dict(
         if target is None:
             converted.dropped.append(key)
             continue
-        side = converted.teacher if is_teacher else converted.model
-        if target in side:
-            raise CheckpointError(f"keys {origin[(is_teacher, target)]!r} and {key!r} both map to {target!r}")
-        side[target] = tensor
-        origin[(is_teacher, target)] = key
+        weights, origin = (
+            (converted.teacher, converted.teacher_origin)
+            if is_teacher
+            else (converted.model, converted.origin)
+        )
+        if target in weights:
+            raise CheckpointError(f"keys {origin[target]!r} and {key!r} both map to {target!r}")
+        weights[target], origin[target] = tensor, key
     if unmapped:
         raise CheckpointError(
             f"the checkpoint has keys that the original {layout!r} model does not have (unmapped): "
             f"{_names(sorted(unmapped))}"
         )
-    for side, prefix in ((converted.model, ""), (converted.teacher, "teacher ")):
-        converted.checked += _drop_checked_copies(side, prefix, origin, side is converted.teacher)
+    converted.checked += _drop_checked_copies(converted.model, converted.origin)
+    converted.checked += _drop_checked_copies(converted.teacher, converted.teacher_origin)
     converted.queues = _convert_queues(converted.queues)
     return converted
 
 
-def _drop_checked_copies(
-    weights: dict[str, torch.Tensor], label: str, origin: Mapping, is_teacher: bool
-) -> list[str]:
+def _drop_checked_copies(weights: dict[str, torch.Tensor], origin: Mapping[str, str]) -> list[str]:
     checked = []
     for name in [name for name in weights if name.endswith("embeddings.position_ids")]:
         ids = weights.pop(name)
         if not torch.equal(ids.reshape(-1).long(), torch.arange(ids.numel())):
             raise CheckpointError(
-                f"{origin[(is_teacher, name)]!r} is not 0..{ids.numel() - 1}: the converted model would place "
-                "tokens differently from the original"
+                f"{origin[name]!r} is not 0..{ids.numel() - 1}: the converted model would place tokens "
+                "differently from the original"
             )
-        checked.append(origin[(is_teacher, name)])
+        checked.append(origin[name])
     for copy, reference in _TIED_COPIES:
         if copy not in weights:
             continue
         if reference not in weights:
-            raise CheckpointError(f"{label}{origin[(is_teacher, copy)]!r} is a tied copy of a missing weight")
+            raise CheckpointError(f"{origin[copy]!r} is a tied copy of a weight the checkpoint lacks")
         if weights[copy].shape != weights[reference].shape or not torch.equal(
             weights[copy], weights[reference]
         ):
             raise CheckpointError(
-                f"{origin[(is_teacher, copy)]!r} must equal {origin[(is_teacher, reference)]!r} (they are tied in "
-                "the original model), but the two tensors differ"
+                f"{origin[copy]!r} must equal {origin[reference]!r} (they are tied in the original model), but "
+                "the two tensors differ"
             )
         weights.pop(copy)
-        checked.append(origin[(is_teacher, copy)])
+        checked.append(origin[copy])
     return checked
 
 
@@ -460,7 +494,8 @@ _BERT_FIELDS = {
     "initializer_range": "initializer_range",
     "pad_token_id": "pad_token_id",
 }
-# Widths the tensors hold: a config that disagrees describes another model.
+# Widths the tensors hold: a BERT config that disagrees describes another model. (Layer counts are not
+# compared: the original code itself overrides them, e.g. 18 layers for NLVR2 and 6 for the VQA decoder.)
 _BERT_WIDTHS = (
     "hidden_size",
     "vocab_size",
@@ -623,42 +658,47 @@ def infer_config(
     bert = dict(original_config.get("bert") or {})
     albef = dict(original_config.get("albef") or {})
 
+    vision_extension = dict(original_config.get("vision_config") or {})
+    text_extension = dict(original_config.get("text_config") or {})
+
     vision = _vision_sizes(state_dict)
     text = _text_sizes(state_dict, layout)
-    _check_widths(bert, text)
+    _check_agrees("the BERT config", bert, text, _BERT_WIDTHS)
+    _check_agrees(
+        "vision_config in the config", vision_extension, vision, [k for k in vision if k != "image_size"]
+    )
+    _check_agrees("text_config in the config", text_extension, text, list(text))
     if text["encoder_width"] != vision["hidden_size"]:
         raise CheckpointError(
             f"the cross-attention reads {text['encoder_width']}-wide image tokens but the vision encoder is "
             f"{vision['hidden_size']} wide"
         )
-    if albef.get("vision_width") not in (None, vision["hidden_size"]):
-        raise CheckpointError(
-            f"the config says vision_width={albef['vision_width']}, the checkpoint's vision encoder is "
-            f"{vision['hidden_size']} wide"
-        )
-    target_size = image_size or albef.get("image_res") or vision["image_size"]
-    vision_config = AlbefVisionConfig(
-        **{
-            **vision,
-            "image_size": int(target_size),
-            "num_attention_heads": 12,  # ALBEF-base's ViT-B/16
-            **original_config.get("vision_config", {}),
-        }
+    _check_agrees(
+        "the ALBEF config",
+        {"vision_width": albef.get("vision_width")},
+        {"vision_width": vision["hidden_size"]},
+        ["vision_width"],
     )
+    target_size = (
+        image_size or vision_extension.get("image_size") or albef.get("image_res") or vision["image_size"]
+    )
+    vision_fields = {"num_attention_heads": 12, **vision_extension, **vision, "image_size": int(target_size)}
     text_fields = {name: bert[key] for key, name in _BERT_FIELDS.items() if key in bert}
-    text_fields.update(text)
-    text_fields.update(_special_token_ids(tokenizer, text["vocab_size"]))
-    text_fields.update(original_config.get("text_config", {}))
-    text_config = AlbefTextConfig(**text_fields)
+    text_fields.update({**text_extension, **text, **_special_token_ids(tokenizer, text["vocab_size"])})
+    try:
+        vision_config = AlbefVisionConfig(**vision_fields)
+        text_config = AlbefTextConfig(**text_fields)
+    except ValueError as error:
+        raise CheckpointError(
+            f"{error}. Head counts are not stored in the tensors: without --config they default to ALBEF-base's "
+            "12; give the text heads in the BERT config (num_attention_heads) and the vision heads as "
+            "vision_config: {num_attention_heads: N} in the ALBEF config"
+        ) from error
 
     extra: dict[str, Any] = {}
     if "vision_proj.weight" in state_dict:
         extra["embed_dim"] = state_dict["vision_proj.weight"].shape[0]
-        if albef.get("embed_dim") not in (None, extra["embed_dim"]):
-            raise CheckpointError(
-                f"the config says embed_dim={albef['embed_dim']}, the checkpoint's projections give "
-                f"{extra['embed_dim']}"
-            )
+        _check_agrees("the ALBEF config", albef, extra, ["embed_dim"])
     if "temp" in state_dict:
         extra["temp"] = float(state_dict["temp"])
     if "mlm_probability" in albef:
@@ -666,16 +706,17 @@ def infer_config(
     return AlbefConfig(vision_config=vision_config, text_config=text_config, **extra)
 
 
-def _check_widths(bert: Mapping[str, Any], text: Mapping[str, Any]) -> None:
+def _check_agrees(
+    source: str, given: Mapping[str, Any], from_tensors: Mapping[str, Any], keys: Sequence[str]
+) -> None:
+    """Sizes the tensors hold win; a config that disagrees on one describes another model."""
     conflicts = [
-        f"{name}: config {bert[name]}, tensors {text[name]}"
-        for name in _BERT_WIDTHS
-        if name in bert and bert[name] != text[name]
+        f"{key}: {given[key]} in the config, {from_tensors[key]} in the tensors"
+        for key in keys
+        if given.get(key) is not None and given[key] != from_tensors[key]
     ]
     if conflicts:
-        raise CheckpointError(
-            "the BERT config does not describe this checkpoint (" + "; ".join(conflicts) + ")"
-        )
+        raise CheckpointError(f"{source} does not describe this checkpoint ({'; '.join(conflicts)})")
 
 
 def _special_token_ids(tokenizer: Any, vocab_size: int) -> dict[str, int]:
@@ -727,14 +768,21 @@ def _check_against(
     weights: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
     what: str,
+    describe,
     optional: Sequence[str] = (),
 ) -> None:
+    """Fail, naming every key, unless `weights` sets exactly the tensors of `expected` with their shapes.
+
+    `describe(name)` gives a weight's original key with its albef_hf name, for the message.
+    """
     missing = [
-        name for name in expected if name not in weights and not any(name.startswith(p) for p in optional)
+        describe(name)
+        for name in expected
+        if name not in weights and not any(name.startswith(prefix) for prefix in optional)
     ]
-    unexpected = [name for name in weights if name not in expected]
+    unexpected = [describe(name) for name in weights if name not in expected]
     misshaped = [
-        f"{name} {tuple(weights[name].shape)} vs {tuple(expected[name].shape)}"
+        f"{describe(name)}: {tuple(weights[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the model"
         for name in weights
         if name in expected and weights[name].shape != expected[name].shape
     ]
@@ -744,16 +792,35 @@ def _check_against(
     if unexpected:
         problems.append(f"unexpected (the model has no such weight): {_names(unexpected)}")
     if misshaped:
-        problems.append(f"misshaped (checkpoint vs model): {_names(misshaped)}")
+        problems.append(f"misshaped: {_names(misshaped)}")
     if problems:
         raise CheckpointError(f"{what} do not match the model:\n  " + "\n  ".join(problems))
 
 
-def build_model(task: str, config: AlbefConfig, weights: Mapping[str, torch.Tensor]):
-    """Instantiate the task's model and load `weights` into it strictly (every weight set, nothing left over)."""
+def _describer(origin: Mapping[str, str], layout: str, task: str, teacher: bool = False):
+    def describe(name: str) -> str:
+        return f"{origin.get(name) or original_name(name, layout, task, teacher)} (albef_hf: {name})"
+
+    return describe
+
+
+def build_model(task: str, config: AlbefConfig, converted: ConvertedState, layout: str):
+    """Instantiate the task's model and load the converted weights strictly (every weight set, nothing left
+    over, every shape exact); check the momentum weights against the same model."""
     model = model_class_for(task)(config)
-    _check_against(weights, model.state_dict(), "the checkpoint's weights (albef_hf names)")
-    model.load_state_dict(weights, strict=True)
+    expected = model.state_dict()
+    _check_against(
+        converted.model, expected, "the checkpoint's weights", _describer(converted.origin, layout, task)
+    )
+    if converted.teacher:
+        _check_against(
+            converted.teacher,
+            expected,
+            "the checkpoint's momentum weights (*_m keys)",
+            _describer(converted.teacher_origin, layout, task, teacher=True),
+            optional=_TEACHER_OPTIONAL,
+        )
+    model.load_state_dict(converted.model, strict=True)
     return model.eval()
 
 
@@ -839,8 +906,7 @@ def convert_original_checkpoint(
     converted = convert_state_dict(original.state_dict, layout, task)
     interpolated = _interpolate(converted.model, albef_config)
     _interpolate(converted.teacher, albef_config)
-    model = build_model(task, albef_config, converted.model)
-    _check_teacher(converted, model)
+    model = build_model(task, albef_config, converted, layout)
     result = ConversionResult(model, albef_config, task, layout, converted, interpolated)
     if output_dir is not None:
         result.output_dir = os.fspath(output_dir)
@@ -850,17 +916,6 @@ def convert_original_checkpoint(
     elif push_to_hub:
         raise CheckpointError("push_to_hub needs an output_dir to write the folder to first")
     return result
-
-
-def _check_teacher(converted: ConvertedState, model) -> None:
-    if not converted.teacher:
-        return
-    _check_against(
-        converted.teacher,
-        model.state_dict(),
-        "the checkpoint's momentum weights (the *_m keys, albef_hf names)",
-        optional=_TEACHER_OPTIONAL,
-    )
 
 
 def _load_tokenizer(path: str | os.PathLike):
