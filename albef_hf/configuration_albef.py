@@ -32,7 +32,6 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: whether the fused query/key/value projection has a bias.
         hidden_dropout_prob: dropout after attention and MLP outputs.
         attention_probs_dropout_prob: dropout on attention probabilities.
-        initializer_range: std of the truncated normal used to initialise weights.
     """
 
     model_type = "albef_vision_model"
@@ -52,7 +51,6 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: bool = True,
         hidden_dropout_prob: float = 0.0,
         attention_probs_dropout_prob: float = 0.0,
-        initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
         if hidden_size % num_attention_heads != 0:
@@ -73,7 +71,6 @@ class AlbefVisionConfig(PreTrainedConfig):
         self.qkv_bias = qkv_bias
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.initializer_range = initializer_range
         super().__init__(**kwargs)
 
     @property
@@ -92,7 +89,7 @@ class AlbefTextConfig(PreTrainedConfig):
     Args:
         vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act,
         hidden_dropout_prob, attention_probs_dropout_prob, max_position_embeddings, type_vocab_size,
-        layer_norm_eps, initializer_range: as in `transformers.BertConfig`.
+        layer_norm_eps: as in `transformers.BertConfig`.
         fusion_layer: index of the first layer with cross-attention (0 makes every layer a fusion layer).
         encoder_width: width of the image tokens the cross-attention reads (its key/value input size);
             `AlbefConfig` always sets it to the vision width.
@@ -117,7 +114,6 @@ class AlbefTextConfig(PreTrainedConfig):
         max_position_embeddings: int = 512,
         type_vocab_size: int = 2,
         layer_norm_eps: float = 1e-12,
-        initializer_range: float = 0.02,
         fusion_layer: int = 6,
         encoder_width: int | None = None,
         is_decoder: bool = False,
@@ -146,7 +142,6 @@ class AlbefTextConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.type_vocab_size = type_vocab_size
         self.layer_norm_eps = layer_norm_eps
-        self.initializer_range = initializer_range
         self.fusion_layer = fusion_layer
         self.encoder_width = encoder_width if encoder_width is not None else hidden_size
         self.is_decoder = is_decoder
@@ -174,7 +169,7 @@ class AlbefConfig(PreTrainedConfig):
             them uniformly (the "random negatives" ablation).
         fusion_layer: shortcut that overrides `text_config.fusion_layer`.
         image_size: shortcut that overrides `vision_config.image_size`.
-        initializer_range: std used to initialise the ALBEF heads.
+        initializer_range: std of the normal distribution that initialises every weight matrix.
         kwargs: passed to `PreTrainedConfig` (for example `id2label` of a classification head).
 
     Example:

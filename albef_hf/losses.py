@@ -105,18 +105,16 @@ def sample_hard_negatives(
                 "hard-negative sampling needs, for every sample, another sample in the batch with a different "
                 "image (batch size 1, or a batch whose samples all share one image id, has no negative)"
             )
-        weights_i2t = (
-            sim_i2t[:, :batch_size].float().softmax(dim=1)
-            if hard
-            else torch.ones_like(same, dtype=torch.float)
-        )
-        weights_t2i = (
-            sim_t2i[:, :batch_size].float().softmax(dim=1)
-            if hard
-            else torch.ones_like(same, dtype=torch.float)
-        )
-        weights_i2t = weights_i2t.masked_fill(same, 0)
-        weights_t2i = weights_t2i.masked_fill(same, 0)
+        # Excluded pairs are removed before the softmax (not zeroed after it, as the original does): the same
+        # distribution, but it cannot underflow to all zeros when the positive dominates.
+        if hard:
+            logits_i2t = sim_i2t[:, :batch_size].float().masked_fill(same, float("-inf"))
+            logits_t2i = sim_t2i[:, :batch_size].float().masked_fill(same, float("-inf"))
+        else:
+            logits_i2t = logits_t2i = torch.zeros(same.shape, device=same.device).masked_fill(
+                same, float("-inf")
+            )
+        weights_i2t, weights_t2i = logits_i2t.softmax(dim=1), logits_t2i.softmax(dim=1)
         neg_image_per_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
         neg_text_per_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     return neg_image_per_text, neg_text_per_image

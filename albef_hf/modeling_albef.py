@@ -387,6 +387,34 @@ class AlbefPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_path: str,
+        text_path: str,
+        fusion_layer: int | None = None,
+        image_size: int | None = None,
+        output_loading_info: bool = False,
+        **config_kwargs,
+    ):
+        """Build this ALBEF model from a saved transformers ViT and a saved BERT (folders or Hub ids).
+
+        The BERT's first `fusion_layer` layers (default: half of them) become the text encoder; the following
+        layers' self-attention and feed-forward become the fusion layers, whose cross-attention is new; a
+        masked-LM head initialises `mlm_head` when the BERT checkpoint has one. Position embeddings are resized
+        when `image_size` differs from the ViT's. `config_kwargs` go to `AlbefConfig` (e.g. `embed_dim`).
+
+        Returns:
+            The model, or `(model, TowerLoadingReport)` with `output_loading_info=True`; the report lists the
+            tensors copied from each tower and those newly initialised (also logged).
+        """
+        from .pretrained_towers import build_from_towers
+
+        model, report = build_from_towers(
+            cls, vision_path, text_path, fusion_layer, image_size, **config_kwargs
+        )
+        return (model, report) if output_loading_info else model
+
     def _build_encoders(self, config: AlbefConfig) -> None:
         self.vision_model = AlbefVisionModel(config.vision_config)
         self.text_encoder = AlbefTextModel(config.text_config)
