@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from original_layout import FIXTURES, SCRIPT, write_tokenizer
 
 from albef_hf.conversion import convert_original_checkpoint, main
 
-TINY_CONFIG = FIXTURES / "albef_tiny.yaml"
+from .original_layout import FIXTURES, SCRIPT, TINY_CONFIG, write_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import BertTokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "albef_original"
+TINY_CONFIG = FIXTURES / "albef_tiny.yaml"  # the tiny models' ALBEF config, original format
 SCRIPT = Path(__file__).resolve().parents[2] / "convert" / "convert_albef_original_to_hf.py"
 TOLERANCE = 1e-4  # the issue's bound on the max abs difference, fp32
 

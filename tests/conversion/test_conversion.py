@@ -10,8 +10,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_CONFIG
-from original_layout import FIXTURES, reference_bert, reference_mlm_logits, reference_vit
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -43,6 +41,8 @@ from albef_hf.conversion import (
     push_to_hub_folder,
     read_original_config,
 )
+
+from .original_layout import FIXTURES, TINY_CONFIG, reference_bert, reference_mlm_logits, reference_vit
 
 
 @pytest.fixture(scope="module")

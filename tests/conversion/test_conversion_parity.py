@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from original_layout import assert_parity, load_outputs
 from safetensors.torch import load_file
 
 from albef_hf import AlbefForImageTextRetrieval, AlbefForPreTraining
 from albef_hf.conversion import MOMENTUM_STATE_FILE, map_original_key
+
+from .original_layout import assert_parity, load_outputs
 
 
 def _teacher(model_class, folder, momentum: dict[str, torch.Tensor] | None):
