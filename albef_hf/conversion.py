@@ -86,7 +86,7 @@ _MODEL_CLASSES = {
     "grounding": "AlbefForImageTextRetrieval",
     "vqa": "AlbefForQuestionAnswering",
     "nlvr": "AlbefForVisualReasoning",
-    "nlvr_ta": "AlbefForVisualReasoning",
+    "nlvr_ta": "AlbefForTextAssignment",
     "ve": "AlbefForVisualEntailment",
 }
 
@@ -102,8 +102,9 @@ _CARD_TASKS = {
 }
 
 # Longest text the original feeds each task: pretraining truncates at 25 tokens, retrieval at 30; the other
-# tasks pad to the longest text without truncating (their captions are already cut at 30 words).
+# tasks pad to the longest text without truncating (their texts are cut at 30 words, VQA questions at 50).
 _MAX_TEXT_LENGTH = {"pretrain": 25, "retrieval": 30, "grounding": 30}
+_MAX_WORDS = {"vqa": 50}
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 
@@ -288,6 +289,14 @@ _LAYOUT_RULES = {
         ("text_encoder.cls.predictions.", "mlm_head."),
     ),
     "retrieval": (("text_encoder.", "text_encoder."),),
+    "vqa": (
+        ("text_encoder.", "text_encoder."),
+        ("text_decoder.bert.", "text_decoder."),
+        ("text_decoder.cls.predictions.", "answer_head."),
+    ),
+    "nlvr": (("text_encoder.", "text_encoder."), ("cls_head.", "cls_head.")),
+    "ve": (("text_encoder.", "text_encoder."), ("cls_head.", "cls_head.")),
+    "nlvr_ta": (("text_encoder.", "text_encoder."), ("ta_head.", "ta_head.")),
 }
 # Rules that change with the target task.
 _TASK_RULES = {
@@ -295,6 +304,9 @@ _TASK_RULES = {
     # leave the MLM head behind.
     ("pretrain", "retrieval"): (("text_encoder.cls.", _DROP),),
     ("pretrain", "grounding"): (("text_encoder.cls.", _DROP),),
+    # The original text-assignment model holds a text projection and a temperature that its forward never
+    # uses (it compares images only, at a fixed temperature); AlbefForTextAssignment has neither.
+    ("nlvr_ta", "nlvr_ta"): (("text_proj.", _DROP), ("temp", _DROP)),
 }
 
 # Copies the original stores twice: (albef_hf name of the copy, name of the weight it must equal). The copy is
@@ -302,6 +314,8 @@ _TASK_RULES = {
 _TIED_COPIES = (
     ("mlm_head.decoder.weight", "text_encoder.embeddings.word_embeddings.weight"),
     ("mlm_head.decoder.bias", "mlm_head.bias"),
+    ("answer_head.decoder.weight", "text_decoder.embeddings.word_embeddings.weight"),
+    ("answer_head.decoder.bias", "answer_head.bias"),
 )
 
 
@@ -608,17 +622,16 @@ def _text_prefix(layout: str) -> str:
     return "text_encoder.bert." if layout == "pretrain" else "text_encoder."
 
 
-def _text_sizes(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[str, Any]:
-    prefix = _text_prefix(layout)
+def _text_sizes(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
     embeddings = prefix + "embeddings."
     word = _require(state_dict, embeddings + "word_embeddings.weight")
-    layers = _count_layers(state_dict, prefix + "encoder.layer.", "text encoder")
+    layers = _count_layers(state_dict, prefix + "encoder.layer.", prefix.split(".")[0])
     cross = [
         i for i in range(layers) if f"{prefix}encoder.layer.{i}.crossattention.self.key.weight" in state_dict
     ]
     if not cross or cross != list(range(cross[0], layers)):
         raise CheckpointError(
-            f"cross-attention must run from one layer to the last of the text encoder; the checkpoint has it "
+            f"cross-attention must run from one layer to the last of {prefix}encoder; the checkpoint has it "
             f"at layers {cross} of 0..{layers - 1}"
         )
     return {
@@ -662,7 +675,7 @@ def infer_config(
     text_extension = dict(original_config.get("text_config") or {})
 
     vision = _vision_sizes(state_dict)
-    text = _text_sizes(state_dict, layout)
+    text = _text_sizes(state_dict, _text_prefix(layout))
     _check_agrees("the BERT config", bert, text, _BERT_WIDTHS)
     _check_agrees(
         "vision_config in the config", vision_extension, vision, [k for k in vision if k != "image_size"]
@@ -703,7 +716,27 @@ def infer_config(
         extra["temp"] = float(state_dict["temp"])
     if "mlm_probability" in albef:
         extra["mlm_probability"] = float(albef["mlm_probability"])
+    if layout == "vqa":
+        extra["decoder_config"] = _decoder_config(state_dict, text_config)
     return AlbefConfig(vision_config=vision_config, text_config=text_config, **extra)
+
+
+def _decoder_config(state_dict: Mapping[str, torch.Tensor], text_config: AlbefTextConfig) -> AlbefTextConfig:
+    """The VQA answer decoder: the text configuration with the decoder's depth, every layer cross-attending to
+    the question states (as the original builds it)."""
+    decoder = _text_sizes(state_dict, "text_decoder.bert.")
+    if decoder["fusion_layer"] != 0:
+        raise CheckpointError(
+            f"every answer-decoder layer must have cross-attention; text_decoder's starts at layer "
+            f"{decoder['fusion_layer']}"
+        )
+    if decoder["encoder_width"] != text_config.hidden_size:
+        raise CheckpointError(
+            f"the answer decoder reads {decoder['encoder_width']}-wide question states but the text encoder is "
+            f"{text_config.hidden_size} wide"
+        )
+    values = {key: value for key, value in text_config.to_dict().items() if key != "model_type"}
+    return AlbefTextConfig(**{**values, **decoder, "is_decoder": True})
 
 
 def _check_agrees(
@@ -807,7 +840,12 @@ def _describer(origin: Mapping[str, str], layout: str, task: str, teacher: bool 
 def build_model(task: str, config: AlbefConfig, converted: ConvertedState, layout: str):
     """Instantiate the task's model and load the converted weights strictly (every weight set, nothing left
     over, every shape exact); check the momentum weights against the same model."""
-    model = model_class_for(task)(config)
+    try:
+        model = model_class_for(task)(config)
+    except ValueError as error:
+        raise CheckpointError(
+            f"the checkpoint's sizes do not make a {_MODEL_CLASSES[task]}: {error}"
+        ) from error
     expected = model.state_dict()
     _check_against(
         converted.model, expected, "the checkpoint's weights", _describer(converted.origin, layout, task)
@@ -820,8 +858,28 @@ def build_model(task: str, config: AlbefConfig, converted: ConvertedState, layou
             _describer(converted.teacher_origin, layout, task, teacher=True),
             optional=_TEACHER_OPTIONAL,
         )
+    _check_shared(model, converted.model, converted.origin)
+    _check_shared(model, converted.teacher, converted.teacher_origin)
     model.load_state_dict(converted.model, strict=True)
     return model.eval()
+
+
+def _check_shared(model, weights: Mapping[str, torch.Tensor], origin: Mapping[str, str]) -> None:
+    """Weights the model shares between two names (NLVR2's paired cross-attention key/value) are stored under
+    both names in the original; loading would silently keep one, so they must be equal."""
+    shared = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(shared, Mapping):
+        return
+    differing = [
+        f"{origin[copy]} != {origin[owner]}"
+        for copy, owner in shared.items()
+        if copy in weights and owner in weights and not torch.equal(weights[copy], weights[owner])
+    ]
+    if differing:
+        raise CheckpointError(
+            "these weights are shared in the model (and in the original), but the checkpoint holds different "
+            f"values for them: {_names(differing)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -936,7 +994,7 @@ def processor_for(task: str, config: AlbefConfig, tokenizer) -> AlbefProcessor:
         AlbefImageProcessor(size=config.image_size),
         tokenizer,
         max_length=_MAX_TEXT_LENGTH.get(task, config.text_config.max_position_embeddings),
-        max_words=30,
+        max_words=_MAX_WORDS.get(task, 30),
         text_normalization="question" if task == "vqa" else "caption",
         original_tokenization=True,
     )
@@ -997,7 +1055,11 @@ def _card_info(result: ConversionResult, original: OriginalCheckpoint, tokenizer
             "No tokenizer was given at conversion: use bert-base-uncased with `original_tokenization=True`."
         )
     if converted.dropped:
-        notes.append(f"Left out for this task: {len(converted.dropped)} keys of the original MLM head.")
+        notes.append(
+            f"Left out for this task (unused by it): {len(converted.dropped)} original keys under "
+            + ", ".join(sorted({f"`{key.split('.')[0]}`" for key in converted.dropped}))
+            + "."
+        )
     return AlbefCardInfo(
         model_name=name,
         task=_CARD_TASKS[result.task],
