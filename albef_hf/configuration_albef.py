@@ -157,6 +157,10 @@ class AlbefConfig(PreTrainedConfig):
     Args:
         vision_config: `AlbefVisionConfig` or its dict (default: ViT-B/16 at 256 px).
         text_config: `AlbefTextConfig` or its dict (default: bert-base-uncased, fusion from layer 6).
+        decoder_config: `AlbefTextConfig` or its dict of the VQA answer decoder (`AlbefForQuestionAnswering`);
+            `None` for every other model. Its self-attention is causal and its cross-attention reads the question
+            states, so `is_decoder` and `encoder_width` (the text width) are set here; the original's decoder is
+            the text configuration with 6 layers, every one with cross-attention (`fusion_layer=0`).
         embed_dim: size of the projected, L2-normalised features used by the contrastive (ITC) loss.
         temp: initial value of the learnable contrastive temperature.
         temp_min, temp_max: range the temperature is clamped to when it is used (the original clamps
@@ -179,12 +183,17 @@ class AlbefConfig(PreTrainedConfig):
     """
 
     model_type = "albef"
-    sub_configs = {"vision_config": AlbefVisionConfig, "text_config": AlbefTextConfig}
+    sub_configs = {
+        "vision_config": AlbefVisionConfig,
+        "text_config": AlbefTextConfig,
+        "decoder_config": AlbefTextConfig,
+    }
 
     def __init__(
         self,
         vision_config: AlbefVisionConfig | dict | None = None,
         text_config: AlbefTextConfig | dict | None = None,
+        decoder_config: AlbefTextConfig | dict | None = None,
         embed_dim: int = 256,
         temp: float = 0.07,
         temp_min: float = 0.001,
@@ -207,8 +216,13 @@ class AlbefConfig(PreTrainedConfig):
             text_config = AlbefTextConfig(**{**text_config.to_dict(), "fusion_layer": fusion_layer})
         # The cross-attention reads the image tokens, so its key/value width is the vision width.
         text_config.encoder_width = vision_config.hidden_size
+        if decoder_config is not None:
+            decoder_config = _as_config(decoder_config, AlbefTextConfig)
+            decoder_config.is_decoder = True
+            decoder_config.encoder_width = text_config.hidden_size
         self.vision_config = vision_config
         self.text_config = text_config
+        self.decoder_config = decoder_config
         self.embed_dim = embed_dim
         self.temp = temp
         self.temp_min = temp_min

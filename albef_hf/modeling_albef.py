@@ -271,11 +271,14 @@ class AlbefTeacherOutput(ModelOutput):
         image_feat: `(batch, embed_dim)` teacher image features of the batch.
         text_feat: `(batch, embed_dim)` teacher text features of the batch.
         mlm_logits: `(num_masked, vocab)` teacher MLM scores at the masked positions (pretraining only).
+        logits: the task head's scores of the downstream models: `(batch, num_labels)` for NLVR2 and SNLI-VE,
+            `(num_answers, answer_len, vocab)` answer-token scores of the VQA decoder.
     """
 
     image_feat: torch.Tensor | None = None
     text_feat: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -362,6 +365,12 @@ class AlbefPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = False
     _no_split_modules = ["AlbefVisionBlock", "AlbefTextLayer"]
+
+    def __init__(self, config: AlbefConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # transformers resolves the attention implementation (SDPA by default) on the top-level config only, but the
+        # encoders read it from their sub-configs: hand it down, or they would silently run eager.
+        self.config._attn_implementation = self.config._attn_implementation
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -4,6 +4,11 @@ Parameter names follow BERT (`embeddings.*`, `encoder.layer.N.attention.self.que
 checkpoint initialises the text layers, and the original ALBEF `text_encoder.bert.*` keys map onto
 `text_encoder.*` one to one. Layers from `config.fusion_layer` on carry a `crossattention` block that
 reads the image tokens (key/value width `config.encoder_width`).
+
+With `config.is_decoder` the self-attention is causal and the model can run incrementally with a
+`transformers` `Cache` (the VQA answer decoder under `generate()`): a `DynamicCache` keeps the
+self-attention keys/values, an `EncoderDecoderCache` also keeps the cross-attention keys/values of the
+states it attends to, which do not change while decoding.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
@@ -133,9 +139,13 @@ class AlbefTextEmbeddings(nn.Module):
 class AlbefTextSelfAttention(nn.Module):
     """Query/key/value projections of a self- or cross-attention block (BERT names)."""
 
-    def __init__(self, config: AlbefTextConfig, is_cross_attention: bool) -> None:
+    def __init__(
+        self, config: AlbefTextConfig, is_cross_attention: bool, layer_idx: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
@@ -153,15 +163,36 @@ class AlbefTextSelfAttention(nn.Module):
         """Key and value heads `(batch, heads, len, head_dim)` of `states`."""
         return self._heads(self.key(states)), self._heads(self.value(states))
 
+    def _cached_key_value(
+        self, states: torch.Tensor, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key/value heads of `states`, read from or appended to `cache` when one is given."""
+        if cache is None:
+            return self.project_key_value(states)
+        if not self.is_cross_attention:
+            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            return self_cache.update(*self.project_key_value(states), self.layer_idx)
+        if not isinstance(cache, EncoderDecoderCache):  # only self-attention is cached
+            return self.project_key_value(states)
+        if cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer.keys, layer.values
+        key, value = cache.cross_attention_cache.update(*self.project_key_value(states), self.layer_idx)
+        cache.is_updated[self.layer_idx] = True
+        return key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._heads(self.query(hidden_states))
-        key, value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
+        key, value = self._cached_key_value(
+            hidden_states if key_value_states is None else key_value_states, cache
+        )
         output, probs = attention_forward(
             self,
             self.config._attn_implementation,
@@ -192,9 +223,11 @@ class AlbefTextResidualOutput(nn.Module):
 class AlbefTextAttention(nn.Module):
     """A self- or cross-attention block: `self` (projections) and `output` (dense + LayerNorm)."""
 
-    def __init__(self, config: AlbefTextConfig, is_cross_attention: bool = False) -> None:
+    def __init__(
+        self, config: AlbefTextConfig, is_cross_attention: bool = False, layer_idx: int | None = None
+    ) -> None:
         super().__init__()
-        self.self = AlbefTextSelfAttention(config, is_cross_attention)
+        self.self = AlbefTextSelfAttention(config, is_cross_attention, layer_idx)
         self.output = AlbefTextResidualOutput(config, config.hidden_size)
 
     def forward(
@@ -203,8 +236,9 @@ class AlbefTextAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, probs = self.self(hidden_states, attention_mask, key_value_states, output_attentions)
+        attended, probs = self.self(hidden_states, attention_mask, key_value_states, output_attentions, cache)
         return self.output(attended, hidden_states), probs
 
 
@@ -226,10 +260,10 @@ class AlbefTextLayer(GradientCheckpointingLayer):
     def __init__(self, config: AlbefTextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention = AlbefTextAttention(config)
+        self.attention = AlbefTextAttention(config, layer_idx=layer_idx)
         self.has_cross_attention = layer_idx >= config.fusion_layer
         if self.has_cross_attention:
-            self.crossattention = AlbefTextAttention(config, is_cross_attention=True)
+            self.crossattention = AlbefTextAttention(config, is_cross_attention=True, layer_idx=layer_idx)
         self.intermediate = AlbefTextIntermediate(config)
         self.output = AlbefTextResidualOutput(config, config.intermediate_size)
 
@@ -240,8 +274,11 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_probs = self.attention(hidden_states, attention_mask, None, output_attentions)
+        hidden_states, self_probs = self.attention(
+            hidden_states, attention_mask, None, output_attentions, cache=cache
+        )
         cross_probs = None
         if self.has_cross_attention:
             if encoder_hidden_states is None:
@@ -249,7 +286,7 @@ class AlbefTextLayer(GradientCheckpointingLayer):
                     f"text layer {self.layer_idx} is a fusion layer and needs the image embeddings"
                 )
             hidden_states, cross_probs = self.crossattention(
-                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions
+                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions, cache=cache
             )
         return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
 
@@ -264,12 +301,14 @@ class AlbefTextEncoderOutput(ModelOutput):
         attentions: when asked, self-attention probabilities `(batch, heads, seq_len, seq_len)` per layer.
         cross_attentions: when asked, cross-attention probabilities `(batch, heads, seq_len, image_len)` per
             fusion layer that ran.
+        cache: the `Cache` that was passed in, now holding this call's keys/values too (decoder only).
     """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    cache: Cache | None = None
 
 
 class AlbefTextEncoder(nn.Module):
@@ -317,6 +356,7 @@ class AlbefTextModel(nn.Module):
         mode: TextMode = "multimodal",
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        cache: Cache | None = None,
     ) -> AlbefTextEncoderOutput:
         """Run the layers of `mode`.
 
@@ -333,15 +373,26 @@ class AlbefTextModel(nn.Module):
             mode: `"text"`, `"fusion"` or `"multimodal"` (see the class docstring).
             output_attentions: return attention probabilities (runs the eager attention path).
             output_hidden_states: return the input of every layer that ran and the final output.
+            cache: incremental decoding (`config.is_decoder` only): `input_ids` are the tokens after the cached ones;
+                `attention_mask`, when given, covers the cached and the new tokens.
         """
         layers = self._layer_range(mode)
+        past_length = 0
+        if cache is not None:
+            if not self.config.is_decoder:
+                raise ValueError("a key/value cache is only used by a decoder (`config.is_decoder=True`)")
+            past_length = cache.get_seq_length()
         if mode == "fusion":
             if hidden_states is None:
                 raise ValueError('mode="fusion" needs `hidden_states` (the output of mode="text")')
         else:
             if input_ids is None:
                 raise ValueError(f"mode={mode!r} needs `input_ids`")
-            hidden_states = self.embeddings(input_ids, token_type_ids)
+            hidden_states = self.embeddings(input_ids, token_type_ids, past_length=past_length)
+        if attention_mask is None and past_length:
+            attention_mask = torch.ones(
+                hidden_states.shape[0], past_length + hidden_states.shape[1], device=hidden_states.device
+            )
         self_mask = padding_mask(
             attention_mask, causal=self.config.is_decoder, query_length=hidden_states.shape[1]
         )
@@ -360,7 +411,7 @@ class AlbefTextModel(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, self_probs, cross_probs = layer(
-                hidden_states, self_mask, image, image_mask, output_attentions=output_attentions
+                hidden_states, self_mask, image, image_mask, output_attentions=output_attentions, cache=cache
             )
             if output_attentions:
                 all_self.append(self_probs)
@@ -373,6 +424,7 @@ class AlbefTextModel(nn.Module):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions else None,
+            cache=cache,
         )
 
 

@@ -91,3 +91,13 @@ def batch(processor) -> dict[str, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one intra-op thread: with matrices this small, a second thread only
+    spin-waits, and on a busy 2-core machine that makes the tests many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
