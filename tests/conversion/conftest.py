@@ -1,5 +1,6 @@
-"""Fixtures of the conversion tests: a tokenizer folder and the tiny original checkpoints, converted once per
-session, each through a different entry point (the script in a subprocess, `main`, the Python API)."""
+"""Fixtures of the conversion tests: a tokenizer folder, and every task's tiny original checkpoint converted
+once per session, through the three entry points in turn (the script in a fresh process, the CLI's `main`, the
+Python API)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import pytest
 
 from albef_hf.conversion import convert_original_checkpoint, main
 
-from .original_layout import FIXTURES, SCRIPT, TINY_CONFIG, write_tokenizer
+from .original_layout import SCRIPT, TINY_CONFIG, write_original_checkpoint, write_tokenizer
+
+# How each task's fixture is converted: every entry point is exercised on real checkpoints.
+ENTRY_POINTS = {
+    "pretrain": "script",
+    "retrieval": "api",
+    "grounding": "main",
+    "vqa": "api",
+    "nlvr": "main",
+    "ve": "api",
+}
 
 
 @pytest.fixture(scope="session")
@@ -20,48 +31,67 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return write_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture(scope="session")
-def pretrain_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """The faithful pretraining checkpoint converted by the command-line script, in a fresh process."""
-    output = tmp_path_factory.mktemp("converted") / "pretrain"
+def _run_script(arguments: list[str]) -> None:
     repo_root = str(SCRIPT.parents[1])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])),
     }
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--checkpoint",
-        str(FIXTURES / "pretrain.pth"),
-        "--output",
-        str(output),
-        "--config",
-        str(TINY_CONFIG),
-        "--tokenizer",
-        str(tokenizer_dir),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "task pretrain" in done.stdout
-    return output
-
-
-@pytest.fixture(scope="session")
-def retrieval_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """The retrieval checkpoint converted through the Python API, task read from the keys."""
-    output = tmp_path_factory.mktemp("converted") / "retrieval"
-    result = convert_original_checkpoint(
-        FIXTURES / "retrieval.pth", output, config=TINY_CONFIG, tokenizer=tokenizer_dir
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, env=env, timeout=300
     )
-    assert result.task == "retrieval"
-    return output
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("task ")
 
 
 @pytest.fixture(scope="session")
-def grounding_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """The grounding checkpoint (retrieval layout) converted through the CLI's `main`, task given."""
-    output = tmp_path_factory.mktemp("converted") / "grounding"
-    argv = ["--checkpoint", str(FIXTURES / "retrieval.pth"), "--output", str(output), "--task", "grounding"]
-    assert main([*argv, "--config", str(TINY_CONFIG), "--tokenizer", str(tokenizer_dir)]) == 0
-    return output
+def converted(tmp_path_factory, tokenizer_dir):
+    """`converted(task)`: the folder the converter wrote for the task's original checkpoint (task given
+    explicitly only for grounding, whose layout is the retrieval one; read from the keys otherwise)."""
+    folders: dict[str, Path] = {}
+    work = tmp_path_factory.mktemp("converted")
+
+    def convert(task: str) -> Path:
+        if task not in folders:
+            checkpoint = write_original_checkpoint(task, work)
+            output = work / task
+            arguments = [
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(output),
+                "--config",
+                str(TINY_CONFIG),
+            ]
+            arguments += ["--tokenizer", str(tokenizer_dir)] + (
+                ["--task", task] if task == "grounding" else []
+            )
+            how = ENTRY_POINTS[task]
+            if how == "script":
+                _run_script(arguments)
+            elif how == "main":
+                assert main(arguments) == 0
+            else:
+                result = convert_original_checkpoint(
+                    checkpoint, output, config=TINY_CONFIG, tokenizer=tokenizer_dir
+                )
+                assert result.task == task
+            folders[task] = output
+        return folders[task]
+
+    return convert
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(converted) -> Path:
+    return converted("pretrain")
+
+
+@pytest.fixture(scope="session")
+def retrieval_dir(converted) -> Path:
+    return converted("retrieval")
+
+
+@pytest.fixture(scope="session")
+def grounding_dir(converted) -> Path:
+    return converted("grounding")

@@ -7,20 +7,69 @@ original runs them, with its additive -10000 padding mask), so it shares no code
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import BertTokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "albef_original"
 TINY_CONFIG = FIXTURES / "albef_tiny.yaml"  # the tiny models' ALBEF config, original format
 SCRIPT = Path(__file__).resolve().parents[2] / "convert" / "convert_albef_original_to_hf.py"
 TOLERANCE = 1e-4  # the issue's bound on the max abs difference, fp32
+# The original's retrieval and grounding fixtures hold the same tensors: one file serves both.
+_CHECKPOINT_FILE = {"retrieval": "grounding"}
 
 
-def load_outputs(task: str) -> dict:
-    return torch.load(FIXTURES / f"{task}_outputs.pt", map_location="cpu", weights_only=True)
+@dataclass
+class Reference:
+    """What the original recorded for one task: `tensors` (flat names such as `eval.logits`), `values` (the
+    non-tensor outputs: `inputs.alpha`, `inputs.k_test`, the drawn hard negatives, ...) and the json `meta`."""
+
+    tensors: dict[str, torch.Tensor]
+    values: dict
+    meta: dict
+
+    def __getitem__(self, name: str):
+        return self.tensors[name] if name in self.tensors else self.values[name]
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Recorded gradients by original parameter name."""
+        return {
+            k.removeprefix("train.grads."): v for k, v in self.tensors.items() if k.startswith("train.grads.")
+        }
+
+
+def load_reference(task: str) -> Reference:
+    meta = json.loads((FIXTURES / f"tiny_{task}.json").read_text())
+    return Reference(load_file(FIXTURES / f"tiny_{task}_outputs.safetensors"), meta.pop("values"), meta)
+
+
+def write_original_checkpoint(task: str, folder: Path) -> Path:
+    """The task's original checkpoint as the original training scripts save it (`{"model": state_dict}`).
+
+    The pretraining file is the original, byte for byte. The others are stored without their momentum copies
+    (equal to the student in these fixtures); they are restored here, for exactly the modules and key count the
+    original had (original_momentum.json), so the converter reads the faithful layout.
+    """
+    if task == "pretrain":
+        return FIXTURES / "tiny_pretrain.pth"
+    state = load_file(FIXTURES / f"tiny_{_CHECKPOINT_FILE.get(task, task)}.safetensors")
+    momentum = json.loads((FIXTURES / "original_momentum.json").read_text())[task]
+    copies = {}
+    for key, tensor in state.items():
+        root, _, rest = key.partition(".")
+        if f"{root}_m" in momentum["roots"]:
+            copies[f"{root}_m.{rest}"] = tensor.clone()
+    assert len(copies) == momentum["keys"], (
+        f"{task}: restored {len(copies)} momentum keys, the original had {momentum['keys']}"
+    )
+    path = folder / f"{task}.pth"
+    torch.save({"model": {**state, **copies}}, path)
+    return path
 
 
 def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -117,10 +166,17 @@ def reference_bert(
     attention_mask: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
-    image: torch.Tensor | None = None,
+    image: torch.Tensor | list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """ALBEF's xbert BertModel forward over `prefix` keys (`text_encoder.bert.` or `text_encoder.`): embeddings
-    (when `input_ids` are given), then `layers`, each with cross-attention to `image` where the checkpoint has it."""
+    (when `input_ids` are given), then `layers`, each with cross-attention to `image` where the checkpoint has it.
+
+    With a list of images (NLVR2), layer L reads image `(L - fusion_layer) % len(images)`, as xbert does."""
+    images = image if isinstance(image, list) else [image]
+    fusion = min(
+        (i for i in range(1000) if f"{prefix}encoder.layer.{i}.crossattention.self.key.weight" in sd),
+        default=0,
+    )
     if hidden is None:
         e = prefix + "embeddings."
         length = input_ids.shape[1]
@@ -137,7 +193,8 @@ def reference_bert(
         p = f"{prefix}encoder.layer.{index}."
         hidden = _bert_attention(sd, p + "attention.", hidden, hidden, additive, heads)
         if p + "crossattention.self.key.weight" in sd:
-            hidden = _bert_attention(sd, p + "crossattention.", hidden, image, None, heads)
+            context = images[(index - fusion) % len(images)]
+            hidden = _bert_attention(sd, p + "crossattention.", hidden, context, None, heads)
         inner = F.gelu(
             F.linear(hidden, sd[p + "intermediate.dense.weight"], sd[p + "intermediate.dense.bias"])
         )

@@ -15,6 +15,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForPreTraining,
+    AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
@@ -23,6 +24,9 @@ from albef_hf import (
     AlbefConfig,
     AlbefForImageTextRetrieval,
     AlbefForPreTraining,
+    AlbefForQuestionAnswering,
+    AlbefForTextAssignment,
+    AlbefForVisualReasoning,
     AlbefImageProcessor,
     AlbefModel,
     AlbefProcessor,
@@ -42,12 +46,25 @@ from albef_hf.conversion import (
     read_original_config,
 )
 
-from .original_layout import FIXTURES, TINY_CONFIG, reference_bert, reference_mlm_logits, reference_vit
+from .original_layout import (
+    TINY_CONFIG,
+    reference_bert,
+    reference_mlm_logits,
+    reference_vit,
+    write_original_checkpoint,
+)
+
+PRETRAIN = write_original_checkpoint("pretrain", None)  # the original file itself
+
+
+@pytest.fixture(scope="module")
+def retrieval_checkpoint(tmp_path_factory):
+    return write_original_checkpoint("retrieval", tmp_path_factory.mktemp("retrieval"))
 
 
 @pytest.fixture(scope="module")
 def original_pretrain() -> dict[str, torch.Tensor]:
-    return torch.load(FIXTURES / "pretrain.pth", map_location="cpu", weights_only=True)
+    return torch.load(PRETRAIN, map_location="cpu", weights_only=True)
 
 
 def _save(tmp_path, state, name="checkpoint.pth"):
@@ -123,7 +140,7 @@ def test_training_checkpoint_and_bare_state_dict_load_alike(tmp_path, original_p
         "epoch": 29,
     }
     from_wrapped = load_original_checkpoint(_save(tmp_path, wrapped, "wrapped.pth")).state_dict
-    bare = load_original_checkpoint(FIXTURES / "pretrain.pth")
+    bare = load_original_checkpoint(PRETRAIN)
     assert from_wrapped.keys() == bare.state_dict.keys()
     assert all(torch.equal(from_wrapped[key], bare.state_dict[key]) for key in from_wrapped)
     assert len(bare.sha256) == 64
@@ -134,9 +151,9 @@ def test_training_checkpoint_and_bare_state_dict_load_alike(tmp_path, original_p
 # ----------------------------------------------------------------------------------------------
 
 
-def test_layouts_are_detected_from_the_keys(original_pretrain):
+def test_layouts_are_detected_from_the_keys(original_pretrain, retrieval_checkpoint):
     vision = {"visual_encoder.cls_token": torch.zeros(1, 1, 4)}
-    retrieval = torch.load(FIXTURES / "retrieval.pth", weights_only=True)
+    retrieval = load_original_checkpoint(retrieval_checkpoint).state_dict
     assert detect_layout(original_pretrain) == "pretrain"
     assert detect_layout(retrieval) == "retrieval"
     assert (
@@ -150,17 +167,17 @@ def test_layouts_are_detected_from_the_keys(original_pretrain):
         detect_layout({**vision, "text_encoder.embeddings.word_embeddings.weight": torch.zeros(1)})
 
 
-def test_a_task_the_layout_cannot_serve_is_refused():
+def test_a_task_the_layout_cannot_serve_is_refused(retrieval_checkpoint):
     with pytest.raises(
         CheckpointError, match="'retrieval' layout, which cannot be converted for task 'pretrain'"
     ):
-        _convert(FIXTURES / "retrieval.pth", task="pretrain")
+        _convert(retrieval_checkpoint, task="pretrain")
     with pytest.raises(CheckpointError, match="unknown task"):
-        _convert(FIXTURES / "retrieval.pth", task="captioning")
+        _convert(retrieval_checkpoint, task="captioning")
 
 
 def test_a_pretraining_checkpoint_converts_for_zero_shot_retrieval_without_its_mlm_head(original_pretrain):
-    result = _convert(FIXTURES / "pretrain.pth", task="retrieval")
+    result = _convert(PRETRAIN, task="retrieval")
     assert isinstance(result.model, AlbefForImageTextRetrieval)
     expected = sorted(
         k
@@ -168,7 +185,7 @@ def test_a_pretraining_checkpoint_converts_for_zero_shot_retrieval_without_its_m
         if k.split(".", 1)[0] in ("text_encoder", "text_encoder_m") and ".cls." in k
     )
     assert sorted(result.converted.dropped) == expected
-    pretrain = _convert(FIXTURES / "pretrain.pth").model.state_dict()
+    pretrain = _convert(PRETRAIN).model.state_dict()
     retrieval = result.model.state_dict()
     assert all(torch.equal(tensor, pretrain[name]) for name, tensor in retrieval.items())
 
@@ -505,9 +522,7 @@ def test_interpolate_pos_embed_is_the_original_computation(original_pretrain, ne
 def test_converting_at_another_image_size_interpolates_student_and_teacher(
     tmp_path, original_pretrain, image_size
 ):
-    result = convert_original_checkpoint(
-        FIXTURES / "pretrain.pth", tmp_path, config=TINY_CONFIG, image_size=image_size
-    )
+    result = convert_original_checkpoint(PRETRAIN, tmp_path, config=TINY_CONFIG, image_size=image_size)
     grid = image_size // 16
     assert result.interpolated and result.config.image_size == image_size
     expected = _original_interpolation(original_pretrain["visual_encoder.pos_embed"], grid)
@@ -529,9 +544,9 @@ def test_converting_at_another_image_size_interpolates_student_and_teacher(
 def test_the_config_image_res_is_the_default_target_size(original_pretrain):
     config = read_original_config(TINY_CONFIG)
     config["albef"]["image_res"] = 80
-    result = _convert(FIXTURES / "pretrain.pth", config=config)
+    result = _convert(PRETRAIN, config=config)
     assert result.config.image_size == 80 and result.model.vision_model.pos_embed.shape[1] == 26
-    same = _convert(FIXTURES / "pretrain.pth")
+    same = _convert(PRETRAIN)
     assert not same.interpolated
     assert torch.equal(
         same.model.vision_model.pos_embed.detach(), original_pretrain["visual_encoder.pos_embed"]
@@ -573,11 +588,11 @@ def test_the_processor_tokenises_as_the_original(pretrain_dir, retrieval_dir):
 
 def test_the_model_card_names_the_source_checkpoint(pretrain_dir, grounding_dir):
     card = (pretrain_dir / "README.md").read_text()
-    sha = load_original_checkpoint(FIXTURES / "pretrain.pth").sha256
-    assert "pretrain.pth" in card and sha in card and "AlbefForPreTraining" in card
+    sha = load_original_checkpoint(PRETRAIN).sha256
+    assert "tiny_pretrain.pth" in card and sha in card and "AlbefForPreTraining" in card
     assert MOMENTUM_STATE_FILE in card
     grounding = (grounding_dir / "README.md").read_text()
-    assert "grounding" in grounding and "retrieval.pth" in grounding
+    assert "grounding" in grounding and "grounding.pth" in grounding
 
 
 def test_the_momentum_state_of_the_fixtures(pretrain_dir, retrieval_dir, original_pretrain):
@@ -591,7 +606,10 @@ def test_the_momentum_state_of_the_fixtures(pretrain_dir, retrieval_dir, origina
     )
     assert "idx_queue" not in state
     retrieval = load_file(retrieval_dir / MOMENTUM_STATE_FILE)
-    assert not any(name.startswith("teacher.") for name in retrieval)  # this fixture was saved without *_m
+    student = AlbefForImageTextRetrieval.from_pretrained(retrieval_dir).state_dict()
+    assert {n for n in retrieval if n.startswith("teacher.")} == {
+        f"teacher.{n}" for n in student if not n.startswith(("itm_head.", "temp"))
+    }
     assert retrieval["idx_queue"].shape == (64,) and retrieval["idx_queue"].dtype == torch.int64
 
 
@@ -634,3 +652,108 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path, capsys):
     assert main(["--checkpoint", str(bad), "--output", str(tmp_path / "out")]) == 1
     assert "is not a PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream layouts: VQA decoder, NLVR2's paired layers, the text-assignment checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def downstream_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("downstream")
+    return {task: write_original_checkpoint(task, folder) for task in ("vqa", "nlvr", "ve")}
+
+
+def test_the_vqa_decoder_sizes_come_from_its_tensors(downstream_checkpoints, converted):
+    config = _convert(downstream_checkpoints["vqa"]).config
+    decoder = config.decoder_config
+    assert (decoder.num_hidden_layers, decoder.fusion_layer, decoder.is_decoder) == (6, 0, True)
+    assert decoder.encoder_width == config.text_config.hidden_size == 64
+    assert (config.text_config.num_hidden_layers, config.fusion_layer) == (4, 2)
+    model = AutoModelForVisualQuestionAnswering.from_pretrained(converted("vqa"))
+    assert isinstance(model, AlbefForQuestionAnswering)
+    processor = AlbefProcessor.from_pretrained(converted("vqa"))
+    assert (processor.text_normalization, processor.max_words) == ("question", 50)
+
+
+def test_the_vqa_answer_decoder_copy_is_checked(tmp_path, downstream_checkpoints):
+    state = load_original_checkpoint(downstream_checkpoints["vqa"]).state_dict
+    copy = "text_decoder_m.cls.predictions.decoder.weight"
+    with pytest.raises(
+        CheckpointError, match=f"'{copy}' must equal 'text_decoder_m.bert.embeddings.word_embeddings"
+    ):
+        _convert_modified(tmp_path, {**state, copy: state[copy] * 2})
+
+
+def test_nlvr_paired_layers_are_read_and_their_shared_weights_checked(tmp_path, downstream_checkpoints):
+    result = _convert(downstream_checkpoints["nlvr"])
+    assert isinstance(result.model, AlbefForVisualReasoning)
+    assert (result.config.text_config.num_hidden_layers, result.config.fusion_layer) == (18, 6)
+    state = load_original_checkpoint(downstream_checkpoints["nlvr"]).state_dict
+    partner = "text_encoder.encoder.layer.9.crossattention.self.value.weight"
+    with pytest.raises(CheckpointError, match=f"{partner} != text_encoder.encoder.layer.8.crossattention"):
+        _convert_modified(tmp_path, {**state, partner: state[partner] + 1})
+
+
+def test_the_classifier_heads_tell_nlvr_from_ve(downstream_checkpoints):
+    nlvr = load_original_checkpoint(downstream_checkpoints["nlvr"]).state_dict
+    ve = load_original_checkpoint(downstream_checkpoints["ve"]).state_dict
+    assert (detect_layout(nlvr), detect_layout(ve)) == ("nlvr", "ve")
+    assert _convert(downstream_checkpoints["ve"]).model.config.id2label[2] == "entailment"
+
+
+def test_a_text_assignment_checkpoint_converts(tmp_path):
+    """No original fixture exists for the TA step: the test builds one in the original's layout (the TA model
+    of models/model_pretrain_nlvr.py: 18-layer text encoder with shared key/value pairs, vision_proj, ta_head,
+    and a text_proj and temp that its forward never uses) and checks the logits against the reference forward."""
+    vision = AlbefVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+    )
+    text = AlbefTextConfig(
+        vocab_size=90,
+        hidden_size=32,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=48,
+        fusion_layer=2,
+        max_position_embeddings=20,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    source = AlbefForTextAssignment(AlbefConfig(vision_config=vision, text_config=text, embed_dim=16))
+    _spread(source, seed=11)
+    original = _to_original(source.state_dict(), "nlvr_ta", 20)
+    original["text_proj.weight"], original["text_proj.bias"] = torch.randn(16, 32), torch.randn(16)
+    original["temp"] = torch.tensor(0.07)
+    config = tmp_path / "bert.json"
+    config.write_text(json.dumps({"num_attention_heads": 2, "hidden_dropout_prob": 0.0}))
+    albef = tmp_path / "albef.json"
+    albef.write_text(json.dumps({"bert_config": str(config), "vision_config": {"num_attention_heads": 2}}))
+    result = _convert(_save(tmp_path, {"model": original}), config=albef)
+    assert result.task == "nlvr_ta" and isinstance(result.model, AlbefForTextAssignment)
+    assert sorted(result.converted.dropped) == ["temp", "text_proj.bias", "text_proj.weight"]
+    assert all(torch.equal(t, source.state_dict()[n]) for n, t in result.model.state_dict().items())
+
+    generator = torch.Generator().manual_seed(5)
+    pixels, ids = (
+        torch.randn(3, 3, 32, 32, generator=generator),
+        torch.randint(0, 90, (3, 7), generator=generator),
+    )
+    mask = torch.ones(3, 7, dtype=torch.long)
+    first, second = torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        logits = result.model(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, first_image=first, second_image=second
+        ).logits
+        image = reference_vit(original, pixels, heads=2)
+        fused = reference_bert(
+            original, "text_encoder.", 2, range(6), mask, input_ids=ids, image=[image[first], image[second]]
+        )
+        expected = F.linear(fused[:, 0], original["ta_head.weight"], original["ta_head.bias"])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
