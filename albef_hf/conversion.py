@@ -1,8 +1,9 @@
 """Convert the original ALBEF checkpoints (salesforce/ALBEF `.pth` files) into albef-hf model folders.
 
 The conversion is a renaming plus checks, never a guess: every key of the checkpoint is either mapped onto a
-weight of the target model, checked and dropped (a tied copy, a constant buffer), or named in an error; every
-weight of the target model must receive a tensor of its exact shape. Sizes are read from the tensors; what
+weight of the target model (or of its momentum teacher), checked and dropped (a tied copy, a constant buffer),
+left out by a rule of the target task (the MLM head for zero-shot retrieval from a pretraining checkpoint), or
+named in an error; every weight of the target model must receive a tensor of its exact shape. Sizes are read from the tensors; what
 the tensors cannot tell (attention heads, activation, epsilons, dropout) comes from an original config file
 or the ALBEF-base defaults.
 
