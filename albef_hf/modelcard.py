@@ -49,6 +49,10 @@ PIPELINES = {
     "grounding": ("visual-grounding", "image-text-matching", "image-text-retrieval", "feature-extraction"),
 }
 
+# The classes registered for an Auto class (albef_hf/__init__.py): only their folders carry the code that lets
+# `trust_remote_code=True` load them (and serve their pipelines) where albef_hf is not installed.
+REMOTE_CODE_CLASSES = frozenset({"AlbefModel", "AlbefForPreTraining", "AlbefForQuestionAnswering"})
+
 _MODEL_CLASS_TASKS = {
     "AlbefModel": "pretraining",
     "AlbefForPreTraining": "pretraining",
@@ -155,11 +159,13 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
         lines += [f"| {name} | {float(value):.2f} |" for name, value in info.metrics.items()]
         lines.append("")
     repo = info.repo_id or "path/or/repo"
+    remote = info.model_class in REMOTE_CODE_CLASSES
     lines += [
         "## Usage",
         "",
         "```python",
-        "import albef_hf  # registers the ALBEF classes (or pass trust_remote_code=True without it)",
+        "import albef_hf  # registers the ALBEF classes"
+        + (" (or pass trust_remote_code=True without it)" if remote else ""),
         f"from albef_hf import AlbefProcessor, {info.model_class}",
         "",
         f'model = {info.model_class}.from_pretrained("{repo}")',
@@ -168,16 +174,19 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
         "",
     ]
     if PIPELINES[info.task]:
+        served = ", ".join(f"`{task}`" for task in PIPELINES[info.task])
+        how = "after `import albef_hf`" + (
+            ", or with `trust_remote_code=True` where it is not installed" if remote else ""
+        )
+        keyword = ", trust_remote_code=True" if remote else ""
         lines += [
-            "With `pipeline()` (after `import albef_hf`, or with `trust_remote_code=True` where it is not "
-            "installed), this checkpoint serves: "
-            + ", ".join(f"`{task}`" for task in PIPELINES[info.task])
-            + ".",
+            f"With `pipeline()` ({how}), this checkpoint serves: {served}.",
             "",
             "```python",
+            *([] if remote else ["import albef_hf"]),
             "from transformers import pipeline",
             "",
-            f'pipe = pipeline("{PIPELINES[info.task][0]}", model="{repo}", trust_remote_code=True)',
+            f'pipe = pipeline("{PIPELINES[info.task][0]}", model="{repo}"{keyword})',
             "```",
             "",
         ]

@@ -6,12 +6,18 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from albef_hf.modelcard import AlbefCardInfo, build_model_card, save_model_card, task_for_model_class
+from albef_hf.modelcard import (
+    REMOTE_CODE_CLASSES,
+    AlbefCardInfo,
+    build_model_card,
+    save_model_card,
+    task_for_model_class,
+)
 
 INFO = AlbefCardInfo(
     model_name="albef-tiny-synthetic",
     task="retrieval",
-    model_class="AlbefForImageTextRetrieval",
+    model_class="AlbefForPreTraining",
     source="fine-tuned from org/albef-tiny-pretrained",
     training={"trainer": "albef_hf.AlbefTrainer", "optimizer steps": 120, "precision": "bf16"},
     metrics={"txt_r1": 41.5, "img_r1": 38.25},
@@ -56,8 +62,24 @@ def test_the_card_renders_training_and_metrics_and_its_metadata_validates(tmp_pa
     ):
         assert line in text
     assert "## Results on synthetic-world test" in text and "@inproceedings{li2021align" in text
-    assert 'AlbefForImageTextRetrieval.from_pretrained("org/albef-tiny-synthetic")' in text
+    assert 'AlbefForPreTraining.from_pretrained("org/albef-tiny-synthetic")' in text
     assert 'pipeline("image-text-matching", model="org/albef-tiny-synthetic", trust_remote_code=True)' in text
+
+
+def test_the_card_offers_remote_code_only_for_classes_whose_folders_carry_it():
+    import albef_hf
+
+    registered = {
+        name
+        for name in albef_hf.__all__
+        if name.startswith("AlbefFor") or name == "AlbefModel"
+        if getattr(getattr(albef_hf, name), "_auto_class", None) is not None
+    }
+    assert registered == REMOTE_CODE_CLASSES
+    text = build_model_card(
+        AlbefCardInfo(model_name="albef", task="retrieval", model_class="AlbefForImageTextRetrieval")
+    ).text
+    assert "trust_remote_code" not in text and "import albef_hf\nfrom transformers import pipeline" in text
 
 
 def test_a_minimal_card_has_no_results_and_an_unknown_task_is_refused():
