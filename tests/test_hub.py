@@ -31,7 +31,7 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from albef_hf import AlbefForPreTraining, AlbefModel
+from albef_hf import AlbefForPreTraining, AlbefForQuestionAnswering, AlbefModel
 from albef_hf.modelcard import AlbefCardInfo, build_model_card, save_model_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,6 +120,14 @@ def hub(tmp_path_factory):
     shutil.copytree(repository, root / "v1", ignore=shutil.ignore_patterns(".git"))
     v2 = trainer_like_save(repository, seed=1)
     git(repository, "commit", "--quiet", "--all", "-m", "v2")
+    vqa = root / "mirrors" / "models" / "org" / "vqa"
+    vqa.mkdir()
+    git(vqa, "init", "--quiet", "--initial-branch=main")
+    torch.manual_seed(2)
+    AlbefForQuestionAnswering(tiny_config()).save_pretrained(vqa)
+    tiny_processor().save_pretrained(vqa)
+    git(vqa, "add", "--all")
+    git(vqa, "commit", "--quiet", "-m", "vqa")
 
     port = free_port()
     config = root / "olah.toml"
@@ -146,7 +154,14 @@ def hub(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(server, f"{endpoint}/api/models/{REPO}/revision/main", root / "olah.log")
-        yield {"endpoint": endpoint, "v1": v1, "v2": v2, "v1_sha": v1_sha, "v1_folder": root / "v1"}
+        yield {
+            "endpoint": endpoint,
+            "v1": v1,
+            "v2": v2,
+            "v1_sha": v1_sha,
+            "v1_folder": root / "v1",
+            "vqa_folder": vqa,
+        }
     finally:
         server.terminate()
         try:
@@ -253,6 +268,7 @@ WITHOUT_PACKAGE = textwrap.dedent(
     from transformers import AutoModel, pipeline
 
     out, v1, image = sys.argv[1], sys.argv[2], PIL.Image.open(sys.argv[3])
+    BOXES, ANSWERS = json.loads(sys.argv[4]), json.loads(sys.argv[5])
     hub = {"revision": v1, "trust_remote_code": True}
     model = AutoModel.from_pretrained("org/name", **hub)
     save_file(model.state_dict(), f"{out}/v1.safetensors")
@@ -261,8 +277,13 @@ WITHOUT_PACKAGE = textwrap.dedent(
     retriever.build_index(texts=["a red circle", "two dogs running", "a blue square"])
     extractor = pipeline("feature-extraction", model="org/name", **hub)
     classifier = pipeline("zero-shot-image-classification", model="org/name", **hub)
-    pipes = (model, matcher, matcher.model, retriever, extractor, classifier.model)
+    grounder = pipeline("visual-grounding", model="org/name", **hub)
+    vqa = pipeline("visual-question-answering", model="org/vqa", revision="main", trust_remote_code=True)
+    pipes = (model, matcher, matcher.model, retriever, extractor, classifier.model, grounder, vqa, vqa.model)
+    grounding = grounder(image, "a red circle", boxes=BOXES)
     result = {
+        "grounding": [grounding["box_index"], grounding["score"], grounding["heatmap"].sum().item()],
+        "vqa": vqa(image, "what colour is it?", candidate_answers=ANSWERS, top_k=2),
         "modules": [type(obj).__module__.split(".")[0] for obj in pipes],
         "matching": matcher(image, "a red circle"),
         "retrieval": [r["index"] for r in retriever(image, top_k=3)],
@@ -288,8 +309,11 @@ def environment_without_albef_hf(folder: pathlib.Path) -> str:
 
 def test_with_remote_code_the_hub_folder_serves_without_albef_hf(hub, tmp_path):
     python = environment_without_albef_hf(tmp_path / "venv")
-    result = run_fresh(python, WITHOUT_PACKAGE, hub, tmp_path, package=False)
-    assert result["modules"] == ["transformers_modules"] * 6
+    boxes, answers = [[0, 0, 24, 20], [20, 16, 28, 24]], ["red", "blue", "two", "yes"]
+    result = run_fresh(
+        python, WITHOUT_PACKAGE, hub, tmp_path, json.dumps(boxes), json.dumps(answers), package=False
+    )
+    assert result["modules"] == ["transformers_modules"] * 9
     loaded = load_file(tmp_path / "v1.safetensors")
     expected = hub["v1"].state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.items())
@@ -305,6 +329,14 @@ def test_with_remote_code_the_hub_folder_serves_without_albef_hf(hub, tmp_path):
     features = pipeline("feature-extraction", model=folder)(image)["image_features"]
     assert result["image_features"] == pytest.approx(features.tolist(), abs=1e-6)
     assert result["zero_shot"] == ["cat", "dog"]
+    grounding = pipeline("visual-grounding", model=folder)(image, "a red circle", boxes=boxes)
+    assert result["grounding"] == pytest.approx(
+        [grounding["box_index"], grounding["score"], grounding["heatmap"].sum().item()], rel=1e-4
+    )
+    vqa = pipeline("visual-question-answering", model=str(hub["vqa_folder"]))
+    expected = vqa(image, "what colour is it?", candidate_answers=answers, top_k=2)
+    assert [r["answer"] for r in result["vqa"]] == [r["answer"] for r in expected]
+    assert [r["score"] for r in result["vqa"]] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import http.server
 import json
 import math
 import pathlib
+import threading
+import urllib.parse
 
 import numpy as np
 import PIL.Image
@@ -177,7 +182,20 @@ def test_matching_single_lists_broadcast_dicts_and_batches_agree(matcher):
     assert [r["text"] for r in one_text] == [CAPTIONS[0]] * 4
 
 
-def test_every_image_form_gives_the_same_result(matcher, image_files):
+@pytest.fixture(scope="module")
+def image_server(image_files):
+    """The image folder over http on 127.0.0.1 (no other network in the tests)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_files[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_every_image_form_gives_the_same_result(matcher, image_files, image_server):
     path = image_files[0]
     pil = PIL.Image.open(path).convert("RGB")
     array = np.array(pil)
@@ -186,6 +204,8 @@ def test_every_image_form_gives_the_same_result(matcher, image_files):
         "path": str(path),
         "Path": path,
         "file URL": path.as_uri(),
+        "http URL": f"{image_server}/{urllib.parse.quote(path.name)}",
+        "base64": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode(),
         "uint8 array": array,
         "float array": array.astype(np.float32) / 255.0,
         "CHW tensor": torch.from_numpy(array).permute(2, 0, 1),
