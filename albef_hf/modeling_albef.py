@@ -392,7 +392,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
     folder_pipelines: dict[str, type] = {}
 
     def save_pretrained(
-        self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
+        self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs
     ):
         """`PreTrainedModel.save_pretrained`, plus what lets the folder travel without this package.
 
@@ -420,7 +420,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
                 for task, cls in pipelines.items()
             }
         try:
-            super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         finally:
             # the declaration is for the folder; in memory this package's registry serves the tasks
             self.config.__dict__.pop("custom_pipelines", None)
