@@ -6,6 +6,11 @@ Importing the package registers the ALBEF classes with the transformers Auto cla
 so that a saved folder carries its code and loads with `trust_remote_code=True` where albef_hf is absent.
 The VQA model registers with `AutoModelForVisualQuestionAnswering`; the NLVR2, text-assignment and SNLI-VE
 models have no fitting Auto class and load with their own classes.
+
+It also registers the ALBEF pipelines with transformers' `pipeline()`: `image-text-matching`,
+`image-text-retrieval`, and `feature-extraction` for ALBEF models (other models keep the built-in pipeline);
+`zero-shot-image-classification` is the built-in pipeline through `AlbefModel`. A saved folder declares the
+pipelines its model serves in `config.custom_pipelines` and carries their code, for `trust_remote_code=True`.
 """
 
 from transformers import (
@@ -17,6 +22,7 @@ from transformers import (
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import (
@@ -55,7 +61,18 @@ from .modeling_albef_downstream import (
     AlbefTextAssignmentOutput,
     answer_decoder_config,
 )
+from .pipelines_albef import (
+    AlbefFeatureExtractionPipeline,
+    AlbefImageTextMatchingPipeline,
+    AlbefImageTextRetrievalPipeline,
+    AlbefPipeline,
+    AlbefVisualGroundingPipeline,
+    AlbefVisualQuestionAnsweringPipeline,
+    FeatureExtractionDispatch,
+    checkpoint_loader,
+)
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
+from .retrieval_index import AlbefRetrievalIndex
 
 __version__ = "0.1.0"
 
@@ -63,6 +80,7 @@ __all__ = [
     "AlbefAnswerRankingOutput",
     "AlbefClassificationOutput",
     "AlbefConfig",
+    "AlbefFeatureExtractionPipeline",
     "AlbefForImageTextRetrieval",
     "AlbefForPreTraining",
     "AlbefForQuestionAnswering",
@@ -71,19 +89,25 @@ __all__ = [
     "AlbefForVisualReasoning",
     "AlbefGradCamOutput",
     "AlbefImageProcessor",
+    "AlbefImageTextMatchingPipeline",
+    "AlbefImageTextRetrievalPipeline",
     "AlbefInitReport",
     "AlbefModel",
     "AlbefOutput",
+    "AlbefPipeline",
     "AlbefPreTrainedModel",
     "AlbefPreTrainingOutput",
     "AlbefProcessor",
     "AlbefQuestionAnsweringOutput",
     "AlbefRankingOutput",
+    "AlbefRetrievalIndex",
     "AlbefRetrievalOutput",
     "AlbefTeacherOutput",
     "AlbefTextAssignmentOutput",
     "AlbefTextConfig",
     "AlbefVisionConfig",
+    "AlbefVisualGroundingPipeline",
+    "AlbefVisualQuestionAnsweringPipeline",
     "answer_decoder_config",
     "box_iou",
     "gradcam_itc",
@@ -117,6 +141,42 @@ def _register() -> None:
     AlbefForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
     AlbefImageProcessor.register_for_auto_class("AutoImageProcessor")
     AlbefProcessor.register_for_auto_class("AutoProcessor")
+    _register_pipelines()
+
+
+# The tasks albef_hf serves with `pipeline()`, the ALBEF classes whose checkpoints serve each, and its pipeline.
+PIPELINE_TASKS = {
+    "image-text-matching": (
+        AlbefImageTextMatchingPipeline,
+        (AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+    "image-text-retrieval": (
+        AlbefImageTextRetrievalPipeline,
+        (AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+    "visual-grounding": (AlbefVisualGroundingPipeline, (AlbefForPreTraining, AlbefForImageTextRetrieval)),
+    "visual-question-answering": (AlbefVisualQuestionAnsweringPipeline, (AlbefForQuestionAnswering,)),
+    "feature-extraction": (
+        AlbefFeatureExtractionPipeline,
+        (AlbefModel, AlbefForPreTraining, AlbefForImageTextRetrieval),
+    ),
+}
+
+
+def _register_pipelines() -> None:
+    # transformers 5 removed its visual-question-answering pipeline and refuses the name before looking at the
+    # registry; the ALBEF pipeline serves ALBEF VQA checkpoints under it (others are refused by its loader).
+    REMOVED_TASKS.pop("visual-question-answering", None)
+    for task, (pipeline_class, model_classes) in PIPELINE_TASKS.items():
+        if task == "feature-extraction":
+            # The built-in task keeps its entry (default model, AutoModel) and serves every other model as before.
+            PIPELINE_REGISTRY.supported_tasks[task]["impl"] = FeatureExtractionDispatch
+        else:
+            PIPELINE_REGISTRY.register_pipeline(
+                task, pipeline_class, pt_model=checkpoint_loader(task, model_classes), type="multimodal"
+            )
+        AlbefPreTrainedModel.folder_pipelines[task] = pipeline_class
+    AlbefConfig.pipelines_registered = True
 
 
 _register()

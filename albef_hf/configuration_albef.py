@@ -188,6 +188,10 @@ class AlbefConfig(PreTrainedConfig):
         "text_config": AlbefTextConfig,
         "decoder_config": AlbefTextConfig,
     }
+    # Set by albef_hf's registration, never where this module serves as remote code: the package's own pipelines
+    # then serve the tasks a saved folder declares in `custom_pipelines`, and the declaration is dropped on load
+    # (transformers would otherwise ask for trust_remote_code for them).
+    pipelines_registered = False
 
     def __init__(
         self,
@@ -233,6 +237,8 @@ class AlbefConfig(PreTrainedConfig):
         self.mlm_weight = mlm_weight
         self.hard_negatives = hard_negatives
         self.initializer_range = initializer_range
+        if type(self).pipelines_registered:
+            kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
 
     @property

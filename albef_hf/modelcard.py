@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ["AlbefCardInfo", "build_model_card", "save_model_card"]
+__all__ = ["AlbefCardInfo", "build_model_card", "save_model_card", "task_for_model_class"]
 
 CITATION = """@inproceedings{li2021align,
   title={Align before Fuse: Vision and Language Representation Learning with Momentum Distillation},
@@ -32,6 +32,42 @@ TASKS = {
     "grounding": ("zero-shot-image-classification", "weakly-supervised visual grounding"),
 }
 
+# The `pipeline()` tasks a checkpoint of each ALBEF task serves (albef_hf registers them; a saved folder declares
+# them for trust_remote_code).
+PIPELINES = {
+    "pretraining": (
+        "image-text-matching",
+        "image-text-retrieval",
+        "feature-extraction",
+        "visual-grounding",
+        "zero-shot-image-classification",
+    ),
+    "retrieval": ("image-text-matching", "image-text-retrieval", "feature-extraction", "visual-grounding"),
+    "vqa": ("visual-question-answering",),
+    "nlvr": (),
+    "ve": (),
+    "grounding": ("visual-grounding", "image-text-matching", "image-text-retrieval", "feature-extraction"),
+}
+
+# The classes registered for an Auto class (albef_hf/__init__.py): only their folders carry the code that lets
+# `trust_remote_code=True` load them (and serve their pipelines) where albef_hf is not installed.
+REMOTE_CODE_CLASSES = frozenset({"AlbefModel", "AlbefForPreTraining", "AlbefForQuestionAnswering"})
+
+_MODEL_CLASS_TASKS = {
+    "AlbefModel": "pretraining",
+    "AlbefForPreTraining": "pretraining",
+    "AlbefForImageTextRetrieval": "retrieval",
+    "AlbefForQuestionAnswering": "vqa",
+    "AlbefForVisualReasoning": "nlvr",
+    "AlbefForTextAssignment": "nlvr",
+    "AlbefForVisualEntailment": "ve",
+}
+
+
+def task_for_model_class(name: str) -> str:
+    """The card task of a checkpoint saved from the ALBEF class `name` (`"pretraining"` for an unknown one)."""
+    return _MODEL_CLASS_TASKS.get(name, "pretraining")
+
 
 @dataclass
 class AlbefCardInfo:
@@ -48,6 +84,10 @@ class AlbefCardInfo:
         license: SPDX identifier of the weights' license.
         extra_tags: more Hub tags.
         notes: free text appended to the card.
+        repo_id: the Hub repository, used in the usage snippets (default: a placeholder).
+        datasets: Hub ids of the datasets it was trained on (card metadata).
+        base_model: the Hub id of the checkpoint it was fine-tuned or converted from (card metadata).
+        language: language(s) of the texts (card metadata).
     """
 
     model_name: str
@@ -61,6 +101,10 @@ class AlbefCardInfo:
     license: str = "bsd-3-clause"
     extra_tags: list[str] = field(default_factory=list)
     notes: str | None = None
+    repo_id: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    language: str | list[str] | None = "en"
 
 
 def build_model_card(info: AlbefCardInfo) -> ModelCard:
@@ -80,12 +124,16 @@ def build_model_card(info: AlbefCardInfo) -> ModelCard:
         )
         for name, value in info.metrics.items()
     ]
+    tags = ["albef", "vision-language", "albef-hf", info.task, *PIPELINES[info.task], *info.extra_tags]
     data = ModelCardData(
         model_name=info.model_name,
         library_name="transformers",
         license=info.license,
+        language=info.language,
         pipeline_tag=pipeline_tag,
-        tags=["albef", "vision-language", "albef-hf", info.task, *info.extra_tags],
+        tags=list(dict.fromkeys(tags)),
+        datasets=info.datasets or None,
+        base_model=info.base_model,
         eval_results=eval_results or None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(info, task_description)}")
@@ -110,18 +158,38 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
         lines += [f"## Results{f' on {where}' if where else ''}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {float(value):.2f} |" for name, value in info.metrics.items()]
         lines.append("")
+    repo = info.repo_id or "path/or/repo"
+    remote = info.model_class in REMOTE_CODE_CLASSES
     lines += [
         "## Usage",
         "",
         "```python",
-        "import albef_hf  # registers the ALBEF classes (or pass trust_remote_code=True without it)",
+        "import albef_hf  # registers the ALBEF classes"
+        + (" (or pass trust_remote_code=True without it)" if remote else ""),
         f"from albef_hf import AlbefProcessor, {info.model_class}",
         "",
-        f'model = {info.model_class}.from_pretrained("path/or/repo")',
-        'processor = AlbefProcessor.from_pretrained("path/or/repo")',
+        f'model = {info.model_class}.from_pretrained("{repo}")',
+        f'processor = AlbefProcessor.from_pretrained("{repo}")',
         "```",
         "",
     ]
+    if PIPELINES[info.task]:
+        served = ", ".join(f"`{task}`" for task in PIPELINES[info.task])
+        how = "after `import albef_hf`" + (
+            ", or with `trust_remote_code=True` where it is not installed" if remote else ""
+        )
+        keyword = ", trust_remote_code=True" if remote else ""
+        lines += [
+            f"With `pipeline()` ({how}), this checkpoint serves: {served}.",
+            "",
+            "```python",
+            *([] if remote else ["import albef_hf"]),
+            "from transformers import pipeline",
+            "",
+            f'pipe = pipeline("{PIPELINES[info.task][0]}", model="{repo}"{keyword})',
+            "```",
+            "",
+        ]
     if info.notes:
         lines += [info.notes, ""]
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]

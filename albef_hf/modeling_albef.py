@@ -7,6 +7,7 @@ names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -383,18 +385,111 @@ class AlbefPreTrainedModel(PreTrainedModel):
         if isinstance(getattr(module, "temp", None), nn.Parameter):
             init.constant_(module.temp, self.config.temp)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, recording every ALBEF Auto class of this module in `auto_map`.
+    # Pipelines, by task, that a saved folder declares in `config.custom_pipelines` and carries the code of, so
+    # that `pipeline(task, model=folder, trust_remote_code=True)` serves them where albef_hf is not installed.
+    # albef_hf's registration fills it (the models do not import the pipelines); a pipeline class names the
+    # model classes whose checkpoints serve its task in `checkpoint_classes`.
+    folder_pipelines: dict[str, type] = {}
 
-        transformers records only the saved model's own Auto class; with all of them, a folder written by one
-        ALBEF model loads as any other (`AutoModel`, `AutoModelForPreTraining`, ...) with `trust_remote_code`.
+    def save_pretrained(
+        self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained`, plus what lets the folder travel without this package.
+
+        - every ALBEF Auto class of this module goes in `auto_map` (transformers records only the saved model's
+          own), so that a folder written by one ALBEF model loads as any other with `trust_remote_code`;
+        - the pipelines this model serves go in `config.custom_pipelines` (loading the folder with this model's
+          own Auto class) and their code is copied next to the model's.
+
+        With `push_to_hub=True` the folder is uploaded once it is complete (`repo_id`, `commit_message`,
+        `private`, `token`, `revision`, `create_pr` as in `push_to_hub`).
         """
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "commit_message", "private", "token", "revision", "create_pr")
+            if key in kwargs
+        }
+        pipelines = self._folder_pipelines() if self._auto_class is not None else {}
         if self._auto_class is not None:
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
                 **_module_auto_map(type(self)),
             }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            self.config.custom_pipelines = {
+                task: {"impl": f"{cls.__module__.split('.')[-1]}.{cls.__name__}", "pt": [self._auto_class]}
+                for task, cls in pipelines.items()
+            }
+        try:
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        finally:
+            # the declaration is for the folder; in memory this package's registry serves the tasks
+            self.config.__dict__.pop("custom_pipelines", None)
+        if is_main_process:
+            for pipeline_class in dict.fromkeys(pipelines.values()):
+                custom_object_save(pipeline_class, save_directory)
+        if push_to_hub and is_main_process:
+            from .hub import upload_folder
+
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            upload_folder(save_directory, repo_id, **hub_kwargs)
+
+    def _folder_pipelines(self) -> dict[str, type]:
+        name = type(self).__name__
+        return {
+            task: cls
+            for task, cls in AlbefPreTrainedModel.folder_pipelines.items()
+            if name in getattr(cls, "checkpoint_classes", ())
+        }
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        processor=None,
+        model_card=None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Upload this model, its `processor` and an ALBEF model card to the Hub repository `repo_id`, in one
+        commit (transformers' version would write a generic card).
+
+        Args:
+            processor: the `AlbefProcessor` to upload with the model.
+            model_card: an `albef_hf.modelcard.AlbefCardInfo` (or a `huggingface_hub.ModelCard`); by default a
+                card is built from this model's task and class.
+            tags: more Hub tags for the default card.
+            others: as in transformers' `push_to_hub`.
+        """
+        from .hub import push_to_hub
+        from .modelcard import AlbefCardInfo, task_for_model_class
+
+        if model_card is None:
+            model_card = AlbefCardInfo(
+                model_name=repo_id.split("/")[-1],
+                task=task_for_model_class(type(self).__name__),
+                model_class=type(self).__name__,
+                extra_tags=list(tags or []),
+                repo_id=repo_id,
+            )
+        return push_to_hub(
+            repo_id,
+            model=self,
+            processor=processor,
+            model_card=model_card,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+        )
 
     @classmethod
     def from_vision_text_pretrained(
