@@ -775,7 +775,7 @@ class AlbefTrainer(Trainer):
             distillation = f"momentum {args.momentum:g}, alpha {args.alpha:g}" if args.distill else "off"
         training = {
             "trainer": "albef_hf.AlbefTrainer",
-            "objectives": _OBJECTIVES[type(student)],
+            "objectives": next(text for cls, text in _OBJECTIVES.items() if isinstance(student, cls)),
             "optimizer steps": self.state.global_step,
             "epochs": round(self.state.epoch or 0.0, 2),
             "global batch size": args.per_device_train_batch_size
