@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_images, tiny_config, tiny_processor
 from PIL import Image
+from safetensors.torch import load_file
 
 from albef_hf import (
     AlbefConfig,
@@ -181,6 +182,23 @@ def test_downstream_models_are_distilled_from_an_ema_teacher(tmp_path, task):
         assert not torch.allclose(student(**batch, teacher_outputs=teacher_outputs, alpha=0.4).loss, plain)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all(entry["alpha"] == 0.4 and "temp" not in entry for entry in logged)
+
+
+def test_vqa_resumed_from_a_checkpoint_continues_exactly(tmp_path):
+    """The teacher is saved in every checkpoint (no queues) and restored: 4 steps = 2 + resumed 2."""
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, transform=build_train_transform(32))
+    trainer_for("vqa", tmp_path / "straight", **settings).train()
+    resumed = trainer_for("vqa", tmp_path / "resumed", **settings)
+    with torch.no_grad():  # whatever the new run starts from, the checkpoint replaces it
+        for param in resumed.model.parameters():
+            param.add_(0.1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    for name in ("model.safetensors", "momentum_state.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoint-4" / name)
+        b = load_file(tmp_path / "resumed" / "checkpoint-4" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name
+    state = load_file(tmp_path / "straight" / "checkpoint-4" / "momentum_state.safetensors")
+    assert "image_queue" not in state and all(key.startswith("teacher.") for key in state)
 
 
 def test_downstream_without_distillation_has_no_teacher(tmp_path):
