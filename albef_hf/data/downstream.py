@@ -184,6 +184,11 @@ def _load_entries(
     return entries
 
 
+def _source_name(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    return f"{kind} json {', '.join(os.path.basename(str(path)) for path in paths)}"
+
+
 def _extras(record: Mapping[str, Any], used: Sequence[str]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key not in used}
 
@@ -211,7 +216,7 @@ def read_vqa_json(
             sample["weights"] = [0.5] if entry.get("dataset") == "vg" else None
         return sample
 
-    return TaskDataset(entries, convert, vqa_root, f"VQA json {os.path.basename(str(paths))}")
+    return TaskDataset(entries, convert, vqa_root, _source_name("VQA", paths))
 
 
 def read_nlvr_json(paths: str | Sequence[str], image_root: str | None = None) -> TaskDataset:
@@ -225,7 +230,7 @@ def read_nlvr_json(paths: str | Sequence[str], image_root: str | None = None) ->
         sample = _extras(entry, ("images", "sentence"))
         return {**sample, "image0": left, "image1": right, "text": entry["sentence"]}
 
-    return TaskDataset(entries, convert, image_root, f"NLVR2 json {os.path.basename(str(paths))}")
+    return TaskDataset(entries, convert, image_root, _source_name("NLVR2", paths))
 
 
 def read_ve_json(paths: str | Sequence[str], image_root: str | None = None) -> TaskDataset:
@@ -242,7 +247,7 @@ def read_ve_json(paths: str | Sequence[str], image_root: str | None = None) -> T
         image = image if os.path.splitext(image)[1] else f"{image}.jpg"
         return {**_extras(entry, ("image", "sentence")), "image": image, "text": entry["sentence"]}
 
-    return TaskDataset(entries, convert, image_root, f"SNLI-VE json {os.path.basename(str(paths))}")
+    return TaskDataset(entries, convert, image_root, _source_name("SNLI-VE", paths))
 
 
 def read_grounding_json(
@@ -264,7 +269,7 @@ def read_grounding_json(
     def convert(entry: dict[str, Any], index: int) -> dict[str, Any]:
         return _grounding_boxes(dict(entry), box_format)
 
-    return TaskDataset(entries, convert, image_root, f"grounding json {os.path.basename(str(paths))}")
+    return TaskDataset(entries, convert, image_root, _source_name("grounding", paths))
 
 
 def _grounding_boxes(sample: dict[str, Any], box_format: str) -> dict[str, Any]:
