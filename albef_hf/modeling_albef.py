@@ -319,7 +319,7 @@ class AlbefRetrievalOutput(ModelOutput):
 
 @dataclass
 class AlbefRankingOutput(ModelOutput):
-    """Output of `AlbefForImageTextRetrieval.rank`.
+    """Output of `rank` (`AlbefForImageTextRetrieval`, `AlbefForPreTraining`).
 
     Args:
         sims: `(num_images, num_texts)` ITC cosine similarities.
@@ -730,6 +730,57 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         return output, (fused[3 * batch_size :] if extra_positive_texts is not None else None)
 
     @torch.no_grad()
+    def rank(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+        batch_size: int = 128,
+        image_rows: slice | None = None,
+        text_rows: slice | None = None,
+    ) -> AlbefRankingOutput:
+        """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
+
+        For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
+        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
+
+        Args:
+            image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
+            text_embeds: `(num_texts, seq_len, text_hidden)` from `encode_text`.
+            text_attention_mask: `(num_texts, seq_len)` padding mask of the texts.
+            k: candidates re-ranked per query (the original uses 256 on COCO, 128 on Flickr30K).
+            batch_size: image-text pairs per ITM forward.
+            image_rows, text_rows: only score these query rows (to split the work across processes); the other
+                rows stay -100.
+        """
+        num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(
+                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
+            )
+        sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
+        scores_i2t = sims.new_full((num_images, num_texts), -100.0)
+        scores_t2i = sims.new_full((num_texts, num_images), -100.0)
+
+        def rerank(scores, query_sims, rows, pair_of):
+            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
+            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
+            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
+            candidates = top.reshape(-1)
+            for start in range(0, queries.numel(), batch_size):
+                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
+                image_index, text_index = pair_of(q, c)
+                logits = self.itm_logits(
+                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
+                )
+                scores[q, c] = logits[:, 1].to(scores.dtype)
+
+        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
+        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
+        return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
+
+    @torch.no_grad()
     def compute_teacher_outputs(
         self,
         pixel_values: torch.Tensor,
@@ -903,57 +954,6 @@ class AlbefForImageTextRetrieval(AlbefMatchingMixin, AlbefPreTrainedModel):
                 text_embeds=text_embeds,
             )
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
-
-    @torch.no_grad()
-    def rank(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        text_attention_mask: torch.Tensor | None = None,
-        k: int = 128,
-        batch_size: int = 128,
-        image_rows: slice | None = None,
-        text_rows: slice | None = None,
-    ) -> AlbefRankingOutput:
-        """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
-
-        For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
-        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
-
-        Args:
-            image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
-            text_embeds: `(num_texts, seq_len, text_hidden)` from `encode_text`.
-            text_attention_mask: `(num_texts, seq_len)` padding mask of the texts.
-            k: candidates re-ranked per query (the original uses 256 on COCO, 128 on Flickr30K).
-            batch_size: image-text pairs per ITM forward.
-            image_rows, text_rows: only score these query rows (to split the work across processes); the other
-                rows stay -100.
-        """
-        num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
-        if text_attention_mask is None:
-            text_attention_mask = torch.ones(
-                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
-            )
-        sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
-        scores_i2t = sims.new_full((num_images, num_texts), -100.0)
-        scores_t2i = sims.new_full((num_texts, num_images), -100.0)
-
-        def rerank(scores, query_sims, rows, pair_of):
-            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
-            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
-            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
-            candidates = top.reshape(-1)
-            for start in range(0, queries.numel(), batch_size):
-                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
-                image_index, text_index = pair_of(q, c)
-                logits = self.itm_logits(
-                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
-                )
-                scores[q, c] = logits[:, 1].to(scores.dtype)
-
-        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
-        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
-        return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
 
 
 class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
