@@ -2,7 +2,7 @@
 
 1. Encode every image and every text once (unimodal encoders).
 2. Rank all pairs by ITC similarity; re-rank the top `k` candidates of each query with the ITM "match"
-   logit (`AlbefForImageTextRetrieval.rank`); every other candidate scores -100.
+   logit (`rank` of the matching models); every other candidate scores -100.
 3. Recall@1/5/10 in both directions with multi-caption ground truth (`itm_eval`): an image query is
    correct at K when any of its captions is among the top K texts; a text query when its image is among
    the top K images.
@@ -204,9 +204,7 @@ def compute_retrieval_scores(
     Returns:
         `(scores_i2t, scores_t2i)`, float tensors on the CPU, complete on every process.
     """
-    from .modeling_albef import AlbefForImageTextRetrieval
-
-    if not hasattr(model, "itm_logits"):
+    if not hasattr(model, "rank"):
         raise TypeError(f"{type(model).__name__} has no ITM head; retrieval evaluation needs one")
     distributed = dist.is_available() and dist.is_initialized()
     rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
@@ -237,10 +235,7 @@ def compute_retrieval_scores(
         )
         image_rows = _process_rows(image_embeds.shape[0], rank, world_size)
         text_rows = _process_rows(text_embeds.shape[0], rank, world_size)
-        # `rank` only needs the projections and the ITM head, which every matching model has
-        ranking = AlbefForImageTextRetrieval.rank(
-            model, image_embeds, text_embeds, attention_mask, k, batch_size, image_rows, text_rows
-        )
+        ranking = model.rank(image_embeds, text_embeds, attention_mask, k, batch_size, image_rows, text_rows)
     finally:
         model.train(was_training)
     scores = []

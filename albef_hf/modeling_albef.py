@@ -319,7 +319,7 @@ class AlbefRetrievalOutput(ModelOutput):
 
 @dataclass
 class AlbefRankingOutput(ModelOutput):
-    """Output of `AlbefForImageTextRetrieval.rank`.
+    """Output of `rank` (`AlbefForImageTextRetrieval`, `AlbefForPreTraining`).
 
     Args:
         sims: `(num_images, num_texts)` ITC cosine similarities.
@@ -556,12 +556,18 @@ class AlbefPreTrainedModel(PreTrainedModel):
         attention_mask: torch.Tensor | None,
         image_embeds: torch.Tensor,
         output_attentions: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> AlbefTextEncoderOutput:
-        """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens."""
+        """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens.
+
+        Text row i reads image row i, or image row `image_index[i]` when an index is given (several texts
+        sharing an image then share its cross-attention keys and values).
+        """
         return self.text_encoder(
             hidden_states=text_embeds,
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
+            encoder_index=image_index,
             mode="fusion",
             output_attentions=output_attentions,
         )
@@ -629,7 +635,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         self,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor,
         idx: torch.Tensor | None,
         teacher_outputs: AlbefTeacherOutput | None,
         image_queue: torch.Tensor | None,
@@ -638,10 +644,15 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         alpha: float,
         hard_negatives: tuple[torch.Tensor, torch.Tensor] | None,
         generator: torch.Generator | None,
-    ) -> AlbefRetrievalOutput:
+        extra_positive_texts: torch.Tensor | None = None,
+    ) -> tuple[AlbefRetrievalOutput, torch.Tensor | None]:
+        """ITC and ITM losses of a batch of pairs (image i, text i).
+
+        `extra_positive_texts` `(batch, seq_len, hidden)` are more text states (with the same attention mask) to
+        fuse with their own images in the same fusion pass as the ITM pairs; their fused states are returned
+        alongside (pretraining puts its MLM rows there).
+        """
         batch_size = image_embeds.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones(text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device)
         image_feat = self.project_image(image_embeds)
         text_feat = self.project_text(text_embeds)
         temp = self.clamped_temp()
@@ -679,10 +690,20 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
                 sim_i2t, sim_t2i, idx=idx, hard=self.config.hard_negatives, generator=generator
             )
         negative_images, negative_texts = (t.to(image_embeds.device) for t in hard_negatives)
-        fused_text = torch.cat([text_embeds, text_embeds, text_embeds[negative_texts]])
-        fused_mask = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
-        fused_image = torch.cat([image_embeds, image_embeds[negative_images], image_embeds])
-        itm_logits = self.itm_logits(fused_text, fused_mask, fused_image)
+        # One fusion pass over [positives; (negative image, text); (image, negative text); extra rows], each
+        # row reading its image through an index, so every image's keys and values are projected once.
+        own = torch.arange(batch_size, device=image_embeds.device)
+        texts = [text_embeds, text_embeds, text_embeds[negative_texts]]
+        masks = [attention_mask, attention_mask, attention_mask[negative_texts]]
+        images = [own, negative_images, own]
+        if extra_positive_texts is not None:
+            texts.append(extra_positive_texts)
+            masks.append(attention_mask)
+            images.append(own)
+        fused = self.fuse(
+            torch.cat(texts), torch.cat(masks), image_embeds, image_index=torch.cat(images)
+        ).last_hidden_state
+        itm_logits = self.itm_head(fused[: 3 * batch_size, 0, :])
         itm_labels = torch.cat(
             [
                 torch.ones(batch_size, dtype=torch.long, device=itm_logits.device),
@@ -691,7 +712,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         )
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
-        return AlbefRetrievalOutput(
+        output = AlbefRetrievalOutput(
             loss=self.config.itc_weight * loss_itc + self.config.itm_weight * loss_itm,
             loss_itc=loss_itc,
             loss_itm=loss_itm,
@@ -706,6 +727,58 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
             negative_images=negative_images,
             negative_texts=negative_texts,
         )
+        return output, (fused[3 * batch_size :] if extra_positive_texts is not None else None)
+
+    @torch.no_grad()
+    def rank(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_attention_mask: torch.Tensor | None = None,
+        k: int = 128,
+        batch_size: int = 128,
+        image_rows: slice | None = None,
+        text_rows: slice | None = None,
+    ) -> AlbefRankingOutput:
+        """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
+
+        For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
+        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
+
+        Args:
+            image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
+            text_embeds: `(num_texts, seq_len, text_hidden)` from `encode_text`.
+            text_attention_mask: `(num_texts, seq_len)` padding mask of the texts.
+            k: candidates re-ranked per query (the original uses 256 on COCO, 128 on Flickr30K).
+            batch_size: image-text pairs per ITM forward.
+            image_rows, text_rows: only score these query rows (to split the work across processes); the other
+                rows stay -100.
+        """
+        num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(
+                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
+            )
+        sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
+        scores_i2t = sims.new_full((num_images, num_texts), -100.0)
+        scores_t2i = sims.new_full((num_texts, num_images), -100.0)
+
+        def rerank(scores, query_sims, rows, pair_of):
+            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
+            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
+            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
+            candidates = top.reshape(-1)
+            for start in range(0, queries.numel(), batch_size):
+                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
+                image_index, text_index = pair_of(q, c)
+                logits = self.itm_logits(
+                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
+                )
+                scores[q, c] = logits[:, 1].to(scores.dtype)
+
+        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
+        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
+        return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
 
     @torch.no_grad()
     def compute_teacher_outputs(
@@ -855,10 +928,10 @@ class AlbefForImageTextRetrieval(AlbefMatchingMixin, AlbefPreTrainedModel):
         text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
         return_loss = idx is not None if return_loss is None else return_loss
         if return_loss:
-            output = self._itc_and_itm(
+            output, _ = self._itc_and_itm(
                 image_embeds,
                 text_embeds,
-                attention_mask,
+                _ones_if_none(attention_mask, text_embeds),
                 idx,
                 teacher_outputs,
                 image_queue,
@@ -881,57 +954,6 @@ class AlbefForImageTextRetrieval(AlbefMatchingMixin, AlbefPreTrainedModel):
                 text_embeds=text_embeds,
             )
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
-
-    @torch.no_grad()
-    def rank(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        text_attention_mask: torch.Tensor | None = None,
-        k: int = 128,
-        batch_size: int = 128,
-        image_rows: slice | None = None,
-        text_rows: slice | None = None,
-    ) -> AlbefRankingOutput:
-        """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
-
-        For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
-        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
-
-        Args:
-            image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
-            text_embeds: `(num_texts, seq_len, text_hidden)` from `encode_text`.
-            text_attention_mask: `(num_texts, seq_len)` padding mask of the texts.
-            k: candidates re-ranked per query (the original uses 256 on COCO, 128 on Flickr30K).
-            batch_size: image-text pairs per ITM forward.
-            image_rows, text_rows: only score these query rows (to split the work across processes); the other
-                rows stay -100.
-        """
-        num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
-        if text_attention_mask is None:
-            text_attention_mask = torch.ones(
-                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
-            )
-        sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
-        scores_i2t = sims.new_full((num_images, num_texts), -100.0)
-        scores_t2i = sims.new_full((num_texts, num_images), -100.0)
-
-        def rerank(scores, query_sims, rows, pair_of):
-            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
-            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
-            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
-            candidates = top.reshape(-1)
-            for start in range(0, queries.numel(), batch_size):
-                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
-                image_index, text_index = pair_of(q, c)
-                logits = self.itm_logits(
-                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
-                )
-                scores[q, c] = logits[:, 1].to(scores.dtype)
-
-        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
-        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
-        return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
 
 
 class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
@@ -967,25 +989,30 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         )
 
     def mlm_logits_at(
-        self,
-        mlm_input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor,
-        positions: torch.Tensor | None = None,
+        self, mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_embeds: torch.Tensor
     ) -> torch.Tensor:
-        """MLM scores: `(batch, seq_len, vocab)`, or `(num_selected, vocab)` at the boolean `positions` only.
-
-        Scoring only the masked positions avoids the vocabulary projection of every other token.
-        """
+        """MLM scores `(batch, seq_len, vocab)` of (masked) texts read with their images, at every position."""
         states = self.text_encoder(
             input_ids=mlm_input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             mode="multimodal",
         ).last_hidden_state
-        if positions is not None:
-            states = states[positions]
         return self.mlm_head(states, self.text_encoder.embeddings.word_embeddings.weight)
+
+    def _text_and_mlm_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_input_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unimodal states of the texts and, in the same pass of the text layers, of their masked copies."""
+        if mlm_input_ids is None:
+            return self.encode_text(input_ids, attention_mask).last_hidden_state, None
+        states = self.encode_text(torch.cat([input_ids, mlm_input_ids]), torch.cat([attention_mask] * 2))
+        return states.last_hidden_state.split(input_ids.shape[0])
+
+    def _mlm_scores(self, fused_states: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
+        return self.mlm_head(
+            fused_states[mlm_labels != -100], self.text_encoder.embeddings.word_embeddings.weight
+        )
 
     @torch.no_grad()
     def compute_teacher_outputs(
@@ -998,15 +1025,20 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         **kwargs,
     ) -> AlbefTeacherOutput:
         """Momentum-teacher outputs: image/text features and, with MLM inputs, MLM scores at masked positions."""
+        attention_mask = _ones_if_none(attention_mask, input_ids)
+        use_mlm = mlm_input_ids is not None and self.config.mlm_weight > 0
+        if use_mlm and mlm_labels is None:
+            raise ValueError(
+                "the teacher needs `mlm_labels` with `mlm_input_ids` (they say which tokens to score)"
+            )
         image_embeds = self.encode_image(pixel_values).last_hidden_state
-        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
+        text_embeds, mlm_states = self._text_and_mlm_states(
+            input_ids, attention_mask, mlm_input_ids if use_mlm else None
+        )
         mlm_scores = None
-        if mlm_input_ids is not None and self.config.mlm_weight > 0:
-            if mlm_labels is None:
-                raise ValueError(
-                    "the teacher needs `mlm_labels` with `mlm_input_ids` (they say which tokens to score)"
-                )
-            mlm_scores = self.mlm_logits_at(mlm_input_ids, attention_mask, image_embeds, mlm_labels != -100)
+        if use_mlm:
+            fused = self.fuse(mlm_states, attention_mask, image_embeds).last_hidden_state
+            mlm_scores = self._mlm_scores(fused, mlm_labels)
         return AlbefTeacherOutput(
             image_feat=self.project_image(image_embeds),
             text_feat=self.project_text(text_embeds),
@@ -1034,6 +1066,9 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
     ) -> AlbefPreTrainingOutput | tuple:
         """Compute the pretraining losses (ITC + ITM + MLM) of a batch of image-text pairs.
 
+        The texts and their masked copies share one pass of the text layers, and the ITM pairs and the MLM rows
+        share one pass of the fusion layers; the losses are those of separate passes.
+
         Args:
             pixel_values: `(batch, channels, height, width)` images; image i pairs with text i.
             input_ids, attention_mask: `(batch, seq_len)` texts.
@@ -1053,9 +1088,18 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
                 "AlbefForPreTraining computes the pretraining losses; use AlbefModel for inference"
             )
         _check_pair_batch(pixel_values, input_ids)
+        attention_mask = _ones_if_none(attention_mask, input_ids)
+        use_mlm = self.config.mlm_weight > 0
+        if use_mlm:
+            if mlm_input_ids is None:
+                mlm_input_ids, mlm_labels = self.draw_mlm_masks(input_ids, generator)
+            elif mlm_labels is None:
+                raise ValueError("`mlm_labels` must be given with `mlm_input_ids`")
         image_embeds = self.encode_image(pixel_values).last_hidden_state
-        text_embeds = self.encode_text(input_ids, attention_mask).last_hidden_state
-        matching = self._itc_and_itm(
+        text_embeds, mlm_states = self._text_and_mlm_states(
+            input_ids, attention_mask, mlm_input_ids if use_mlm else None
+        )
+        matching, mlm_fused = self._itc_and_itm(
             image_embeds,
             text_embeds,
             attention_mask,
@@ -1067,15 +1111,12 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
             alpha,
             hard_negatives,
             generator,
+            extra_positive_texts=mlm_states,
         )
         output = AlbefPreTrainingOutput(**matching)
-        if self.config.mlm_weight > 0:
-            if mlm_input_ids is None:
-                mlm_input_ids, mlm_labels = self.draw_mlm_masks(input_ids, generator)
-            elif mlm_labels is None:
-                raise ValueError("`mlm_labels` must be given with `mlm_input_ids`")
+        if use_mlm:
             masked = mlm_labels != -100
-            scores = self.mlm_logits_at(mlm_input_ids, attention_mask, image_embeds, masked)
+            scores = self._mlm_scores(mlm_fused, mlm_labels)
             teacher_scores = teacher_outputs.mlm_logits if teacher_outputs is not None else None
             if masked.any():
                 output.loss_mlm = mlm_loss(scores, mlm_labels[masked], teacher_scores, alpha)
@@ -1100,6 +1141,12 @@ def _module_auto_map(model_class: type) -> dict[str, str]:
 
 def _subclasses(cls: type) -> list[type]:
     return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def _ones_if_none(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    if attention_mask is not None:
+        return attention_mask
+    return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 
 
 def _check_pair_batch(pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None) -> None:

@@ -188,11 +188,15 @@ class AlbefTextSelfAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
         cache: Cache | None = None,
+        key_value_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._heads(self.query(hidden_states))
         key, value = self._cached_key_value(
             hidden_states if key_value_states is None else key_value_states, cache
         )
+        if key_value_index is not None:
+            # keys/values were projected once per distinct image; each text row picks its image's
+            key, value = key[key_value_index], value[key_value_index]
         output, probs = attention_forward(
             self,
             self.config._attn_implementation,
@@ -237,8 +241,11 @@ class AlbefTextAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         output_attentions: bool = False,
         cache: Cache | None = None,
+        key_value_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, probs = self.self(hidden_states, attention_mask, key_value_states, output_attentions, cache)
+        attended, probs = self.self(
+            hidden_states, attention_mask, key_value_states, output_attentions, cache, key_value_index
+        )
         return self.output(attended, hidden_states), probs
 
 
@@ -275,6 +282,7 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         cache: Cache | None = None,
+        encoder_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hidden_states, self_probs = self.attention(
             hidden_states, attention_mask, None, output_attentions, cache=cache
@@ -286,7 +294,12 @@ class AlbefTextLayer(GradientCheckpointingLayer):
                     f"text layer {self.layer_idx} is a fusion layer and needs the image embeddings"
                 )
             hidden_states, cross_probs = self.crossattention(
-                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions, cache=cache
+                hidden_states,
+                encoder_attention_mask,
+                encoder_hidden_states,
+                output_attentions,
+                cache=cache,
+                key_value_index=encoder_index,
             )
         return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
 
@@ -353,6 +366,7 @@ class AlbefTextModel(nn.Module):
         hidden_states: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None,
         encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        encoder_index: torch.Tensor | None = None,
         mode: TextMode = "multimodal",
         output_attentions: bool = False,
         output_hidden_states: bool = False,
@@ -370,6 +384,9 @@ class AlbefTextModel(nn.Module):
                 (the NLVR2 model).
             encoder_attention_mask: `(batch, image_len)` mask of the image tokens (all valid by default), or one
                 per image when a list of images is given.
+            encoder_index: `(batch,)` row of `encoder_hidden_states` that each text reads, when the images are given
+                once per distinct image (`(num_images, image_len, encoder_width)`): the cross-attention keys and
+                values are then projected once per image instead of once per text (ITM pairs share images).
             mode: `"text"`, `"fusion"` or `"multimodal"` (see the class docstring).
             output_attentions: return attention probabilities (runs the eager attention path).
             output_hidden_states: return the input of every layer that ran and the final output.
@@ -398,6 +415,8 @@ class AlbefTextModel(nn.Module):
         )
 
         images, image_masks = _as_image_list(encoder_hidden_states, encoder_attention_mask)
+        if encoder_index is not None:
+            image_masks = [mask if mask is None else mask[encoder_index] for mask in image_masks]
         image_masks = [padding_mask(mask) for mask in image_masks]
 
         all_hidden = [] if output_hidden_states else None
@@ -411,7 +430,13 @@ class AlbefTextModel(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, self_probs, cross_probs = layer(
-                hidden_states, self_mask, image, image_mask, output_attentions=output_attentions, cache=cache
+                hidden_states,
+                self_mask,
+                image,
+                image_mask,
+                output_attentions=output_attentions,
+                cache=cache,
+                encoder_index=encoder_index,
             )
             if output_attentions:
                 all_self.append(self_probs)
