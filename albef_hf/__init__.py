@@ -189,9 +189,17 @@ _LAZY = {
     "FeatureQueues": "momentum",
     "AlbefPretrainingCollator": "data.collators",
     "AlbefRetrievalCollator": "data.collators",
+    "AlbefImageTextCollator": "data.collators",
+    "AlbefClassificationCollator": "data.collators",
+    "AlbefVqaCollator": "data.collators",
     "RetrievalEvalSet": "evaluation",
+    "VqaEvalSet": "evaluation",
+    "GroundingEvalSet": "evaluation",
     "evaluate_retrieval": "evaluation",
+    "evaluate_vqa": "evaluation",
+    "evaluate_grounding": "evaluation",
     "itm_eval": "evaluation",
+    "vqa_score": "evaluation",
 }
 __all__ += sorted(_LAZY)
 

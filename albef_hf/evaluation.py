@@ -9,6 +9,18 @@
 
 Step 2 is split across processes by query rows (each process re-ranks a contiguous block of image rows
 and of text rows, as the original), and the blocks are summed back together with an all-reduce.
+
+The downstream evaluations live here too, each split across processes by blocks of samples:
+
+- VQA (`predict_vqa`, `evaluate_vqa`): answers ranked from a closed list as the original
+  (`AlbefForQuestionAnswering.rank_answers`: first-token shortlist of k, then full likelihood), with the
+  top answers and their probabilities, or generated freely; scored with the VQA soft score (`vqa_score`).
+- Grounding (`predict_grounding`, `evaluate_grounding`): Grad-CAM heatmaps (`albef_hf.grounding`), the
+  best candidate box by mass / sqrt(area), correct at IoU >= 0.5.
+- NLVR2 and SNLI-VE are plain classification: `AlbefTrainer` runs transformers' evaluation loop with
+  `classification_metrics`.
+
+Every metric is in percent, as the retrieval recalls are.
 """
 
 from __future__ import annotations
@@ -21,12 +33,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .grounding import box_iou, gradcam_itc, gradcam_itm, select_box, upsample_heatmap
+from .image_processing_albef import to_pil_rgb
+
 __all__ = [
+    "GroundingEvalSet",
     "RetrievalEvalSet",
+    "VqaEvalSet",
+    "classification_metrics",
     "compute_retrieval_scores",
+    "evaluate_grounding",
     "evaluate_retrieval",
+    "evaluate_vqa",
+    "grounding_metrics",
     "itm_eval",
+    "predict_grounding",
+    "predict_vqa",
     "retrieval_eval_set_from_samples",
+    "vqa_metrics",
+    "vqa_score",
 ]
 
 
@@ -237,3 +262,275 @@ def evaluate_retrieval(
     eval_set = retrieval_eval_set_from_samples(eval_set)
     scores_i2t, scores_t2i = compute_retrieval_scores(model, processor, eval_set, k, batch_size, device)
     return itm_eval(scores_i2t.numpy(), scores_t2i.numpy(), eval_set.txt2img, eval_set.img2txt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream tasks
+# ----------------------------------------------------------------------------------------------
+
+
+def _process_share(count: int) -> tuple[slice, bool]:
+    """This process's contiguous block of `count` samples, and whether results must be gathered."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return slice(0, count), False
+    return _process_rows(count, dist.get_rank(), dist.get_world_size()), True
+
+
+def _gather_lists(own: list[Any]) -> list[Any]:
+    """Concatenate every process's list in rank order (the blocks of `_process_share`)."""
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, own)
+    return [item for block in gathered for item in block]
+
+
+def _model_device(model: Any, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _in_batches(samples: Sequence[Any], rows: slice, batch_size: int):
+    for start in range(rows.start, rows.stop, batch_size):
+        yield [samples[i] for i in range(start, min(start + batch_size, rows.stop))]
+
+
+def classification_metrics(eval_prediction: Any) -> dict[str, float]:
+    """`compute_metrics` of NLVR2 / SNLI-VE: `accuracy` (percent) of the arg-max of the logits."""
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": 100.0 * float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+@dataclass
+class VqaEvalSet:
+    """VQA test questions and the closed answer list they are answered from.
+
+    Attributes:
+        samples: VQA samples (`albef_hf.data.downstream`): `{"image", "text": question}` plus, to be scored,
+            `"answers"` (the annotators' answers, repeats kept: the soft score counts them), and optionally
+            `"question_id"` and `"question_type"` (scores are also reported per type).
+        answer_list: the candidate answers (the original's answer_list.json); None answers by generation.
+    """
+
+    samples: Sequence[dict[str, Any]]
+    answer_list: Sequence[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """The VQA soft score of one answer: `min(1, matches / 3)` against several annotators' answers, where
+    `matches` counts the answers equal to the prediction (after lower-casing and stripping); with a single answer,
+    1 for an exact match, else 0.
+
+    The official VQA v2 metric further averages over the 10 leave-one-out subsets of annotators and normalises
+    punctuation, articles and number words; this is the simplified form.
+    """
+    predicted = prediction.strip().lower()
+    matches = sum(predicted == answer.strip().lower() for answer in answers)
+    if len(answers) == 1:
+        return float(matches)
+    return min(1.0, matches / 3.0)
+
+
+@torch.no_grad()
+def predict_vqa(
+    model: Any,
+    processor: Any,
+    eval_set: VqaEvalSet,
+    k: int = 128,
+    top_k: int = 5,
+    generate: bool = False,
+    generate_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    """Answer every question of `eval_set` (split across processes, complete on each).
+
+    Args:
+        model: an `AlbefForQuestionAnswering`.
+        processor: its `AlbefProcessor`; questions are cleaned with `pre_question` unless its normalisation is off.
+        eval_set: the questions and the answer list.
+        k: answers kept by the first-token shortlist before full scoring (the original's `k_test`, 128).
+        top_k: answers returned per question, with probabilities renormalised over the shortlist.
+        generate: answer by `model.generate` (free text) instead of ranking the list (also when there is no list).
+        generate_kwargs: for `generate` (default `max_new_tokens=10`, greedy).
+        batch_size: questions per forward.
+        device: where to run (default: the model's device).
+
+    Returns:
+        One dict per question, in order: `index`, `question_id` (when the sample has one), `answer`, and
+        `top_answers` (`[{"answer", "probability"}]`, best first; ranking only).
+    """
+    device = _model_device(model, device)
+    generate = generate or eval_set.answer_list is None
+    answers = None
+    if not generate:
+        answer_list = list(eval_set.answer_list)
+        answers = {key: value.to(device) for key, value in processor.tokenize_answers(answer_list).items()}
+        k = min(k, len(answer_list))
+    normalization = None if processor.text_normalization is None else "question"
+    rows, gathered = _process_share(len(eval_set.samples))
+    was_training = model.training
+    model.eval()
+    results, index = [], rows.start
+    try:
+        for batch in _in_batches(eval_set.samples, rows, batch_size):
+            inputs = processor(
+                images=[sample["image"] for sample in batch],
+                text=[sample["text"] for sample in batch],
+                text_normalization=normalization,
+            )
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+            if generate:
+                sequences = model.generate(**inputs, **{"max_new_tokens": 10, **(generate_kwargs or {})})
+                texts = processor.batch_decode(sequences, skip_special_tokens=True)
+                predicted = [[(text.strip(), None)] for text in texts]
+            else:
+                ranking = model.rank_answers(
+                    answer_input_ids=answers["input_ids"],
+                    answer_attention_mask=answers["attention_mask"],
+                    k=k,
+                    **inputs,
+                )
+                predicted = [
+                    [(answer_list[int(i)], float(p)) for i, p in zip(ids[:top_k], probs[:top_k], strict=True)]
+                    for ids, probs in zip(ranking.answer_ids, ranking.probs.float(), strict=True)
+                ]
+            for sample, candidates in zip(batch, predicted, strict=True):
+                result = {"index": index, "answer": candidates[0][0]}
+                if "question_id" in sample:
+                    result["question_id"] = sample["question_id"]
+                if not generate:
+                    result["top_answers"] = [{"answer": a, "probability": p} for a, p in candidates]
+                results.append(result)
+                index += 1
+    finally:
+        model.train(was_training)
+    return _gather_lists(results) if gathered else results
+
+
+def vqa_metrics(predictions: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`vqa_score` (percent, over the questions that have answers) and `vqa_score_<type>` per `question_type`."""
+    samples = _SampleFields(samples)
+    scores: dict[str, list[float]] = {}
+    for prediction in predictions:
+        sample = samples[prediction["index"]]
+        answers = sample.get("answers")
+        if not answers:
+            continue
+        score = vqa_score(prediction["answer"], answers)
+        scores.setdefault("", []).append(score)
+        if sample.get("question_type") is not None:
+            scores.setdefault(str(sample["question_type"]), []).append(score)
+    return {
+        ("vqa_score" if kind == "" else f"vqa_score_{kind}"): 100.0 * float(np.mean(values))
+        for kind, values in sorted(scores.items())
+    }
+
+
+def evaluate_vqa(model: Any, processor: Any, eval_set: VqaEvalSet, **kwargs: Any) -> dict[str, float]:
+    """`predict_vqa` then `vqa_metrics`; `kwargs` go to `predict_vqa`."""
+    predictions = predict_vqa(model, processor, eval_set, **kwargs)
+    return vqa_metrics(predictions, eval_set.samples)
+
+
+class _SampleFields:
+    """Samples without their images, where the dataset can give them so (`TaskDataset.fields`)."""
+
+    def __init__(self, samples: Sequence[dict[str, Any]]) -> None:
+        self.samples = samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        read = getattr(self.samples, "fields", None)
+        return read(index) if read is not None else self.samples[index]
+
+
+@dataclass
+class GroundingEvalSet:
+    """Referring expressions with the box they refer to and the candidate boxes to choose from.
+
+    Attributes:
+        samples: grounding samples (`albef_hf.data.downstream`): `{"image", "text", "box": [x, y, w, h],
+            "candidate_boxes": [[x, y, w, h], ...]}` in pixels of the image; optionally `"split"` (accuracy is
+            also reported per split, as RefCOCO+'s val / testA / testB).
+    """
+
+    samples: Sequence[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def predict_grounding(
+    model: Any,
+    processor: Any,
+    eval_set: GroundingEvalSet,
+    mode: str = "itm",
+    layer: int | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    """Choose a candidate box for every expression of `eval_set` by Grad-CAM (split across processes).
+
+    The heatmap (`gradcam_itm`, or `gradcam_itc` with `mode="itc"`) is upsampled to each image's own size, and
+    the candidate with the largest mass / sqrt(area) is chosen (`select_box`), as the original's evaluation.
+
+    Returns:
+        One dict per sample, in order: `index`, `box` (the chosen [x, y, w, h]), `candidate` (its index),
+        `iou` with the true box and `correct` (IoU >= 0.5).
+    """
+    if mode not in ("itm", "itc"):
+        raise ValueError(f"mode must be 'itm' or 'itc', got {mode!r}")
+    gradcam = gradcam_itm if mode == "itm" else gradcam_itc
+    device = _model_device(model, device)
+    rows, gathered = _process_share(len(eval_set.samples))
+    was_training = model.training
+    model.eval()
+    results, index = [], rows.start
+    try:
+        for batch in _in_batches(eval_set.samples, rows, batch_size):
+            images = [to_pil_rgb(sample["image"]) for sample in batch]
+            inputs = processor(images=images, text=[sample["text"] for sample in batch])
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+            maps = gradcam(
+                model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], layer
+            ).gradcam
+            for sample, image, grid in zip(batch, images, maps, strict=True):
+                width, height = image.size
+                heatmap = upsample_heatmap(grid[None].float(), (height, width))[0]
+                candidate = select_box(heatmap, sample["candidate_boxes"])
+                box = [float(v) for v in sample["candidate_boxes"][candidate]]
+                iou = box_iou(box, sample["box"])
+                results.append(
+                    {"index": index, "box": box, "candidate": candidate, "iou": iou, "correct": iou >= 0.5}
+                )
+                index += 1
+    finally:
+        model.train(was_training)
+    return _gather_lists(results) if gathered else results
+
+
+def grounding_metrics(
+    predictions: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]
+) -> dict[str, float]:
+    """`box_accuracy` (percent of IoU >= 0.5) and `box_accuracy_<split>` per sample `split`."""
+    samples = _SampleFields(samples)
+    hits: dict[str, list[bool]] = {}
+    for prediction in predictions:
+        hits.setdefault("", []).append(prediction["correct"])
+        split = samples[prediction["index"]].get("split")
+        if split is not None:
+            hits.setdefault(str(split), []).append(prediction["correct"])
+    return {
+        ("box_accuracy" if split == "" else f"box_accuracy_{split}"): 100.0 * float(np.mean(values))
+        for split, values in sorted(hits.items())
+    }
+
+
+def evaluate_grounding(
+    model: Any, processor: Any, eval_set: GroundingEvalSet, **kwargs: Any
+) -> dict[str, float]:
+    """`predict_grounding` then `grounding_metrics`; `kwargs` go to `predict_grounding`."""
+    predictions = predict_grounding(model, processor, eval_set, **kwargs)
+    return grounding_metrics(predictions, eval_set.samples)

@@ -693,11 +693,7 @@ class AlbefVisualQuestionAnsweringPipeline(AlbefPipeline):
             for position, answer in enumerate(answers):
                 check_text(answer, position)
             postprocess["answers"] = answers
-            forward["answer_tokens"] = dict(
-                self.processor.tokenizer(
-                    answers, padding="longest", return_token_type_ids=False, return_tensors="pt"
-                )
-            )
+            forward["answer_tokens"] = dict(self.processor.tokenize_answers(answers))
         if top_k is not None:
             forward["top_k"] = _positive(top_k, "top_k")
         if k is not None:

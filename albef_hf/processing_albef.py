@@ -175,6 +175,41 @@ class AlbefProcessor(ProcessorMixin):
             tensor_type=return_tensors,
         )
 
+    def tokenize_answers(
+        self,
+        answers: str | list[str],
+        max_length: int | None = None,
+        padding: bool | str = "longest",
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Encode VQA answers as `AlbefForQuestionAnswering` scores them: "[CLS] answer [SEP]".
+
+        The original appends "[SEP]" to each answer as its end token and its tokenizer prepends [CLS], so this is
+        the form with or without `original_tokenization` (and what the standard BERT template gives). Answers are
+        not normalised, as in the original. Training (the collator), answer-list ranking and `generate` (which
+        starts from [CLS] and stops at [SEP]) all use this form.
+
+        Args:
+            answers: an answer or a list of answers.
+            max_length: longest encoding, [CLS] and [SEP] included (default: the processor's `max_length`).
+            padding, return_tensors: as in `tokenize`.
+        """
+        answers = [answers] if isinstance(answers, str) else list(answers)
+        if not answers or not all(isinstance(answer, str) and answer.strip() for answer in answers):
+            raise ValueError(f"answers must be non-empty strings, got {answers!r}")
+        tokenizer = self.tokenizer
+        body = tokenizer(
+            answers, add_special_tokens=False, truncation=True, max_length=(max_length or self.max_length) - 2
+        )
+        ids = [[tokenizer.cls_token_id, *row, tokenizer.sep_token_id] for row in body["input_ids"]]
+        encoded = tokenizer.pad(
+            {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}, padding=padding
+        )
+        return BatchFeature(
+            data={"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]},
+            tensor_type=return_tensors,
+        )
+
     def push_to_hub(
         self,
         repo_id: str,

@@ -1,4 +1,4 @@
-"""`AlbefTrainer`: transformers' Trainer with ALBEF's momentum distillation, feature queues and retrieval evaluation.
+"""`AlbefTrainer`: transformers' Trainer with ALBEF's momentum distillation, feature queues and task evaluations.
 
 Everything Trainer users know keeps working (TrainingArguments, callbacks, logging, checkpoints,
 `push_to_hub`, `accelerate launch` / `torchrun` DDP, bf16, gradient accumulation). On top of it:
@@ -15,6 +15,22 @@ Everything Trainer users know keeps working (TrainingArguments, callbacks, loggi
 - `save_model` / `push_to_hub` write the student only, with a model card that says how it was trained;
 - `evaluate()` runs the original's retrieval evaluation (ITC ranking, ITM re-ranking of the top k,
   TR/IR recall@1/5/10 and means), with the re-ranking split across processes.
+
+One mechanism trains every ALBEF task; what differs is decided by the model class:
+
+========================================= =========================== ====== ==================================
+model                                     teacher                     queues evaluation
+========================================= =========================== ====== ==================================
+`AlbefForPreTraining`                     ITC/ITM/MLM targets         yes    retrieval recall
+`AlbefForImageTextRetrieval`              ITC targets                 yes    retrieval recall, or box accuracy
+                                                                             (grounding) on a `GroundingEvalSet`
+`AlbefForQuestionAnswering`               answer-token distributions  no     VQA score (`VqaEvalSet`)
+`AlbefForVisualReasoning`, `...Entailment` class distributions         no     accuracy (transformers' loop)
+`AlbefForTextAssignment`                  none (not distilled, as the no     none
+                                          original's TA step)
+========================================= =========================== ====== ==================================
+
+The downstream teachers are used in training only: an evaluation loss is the plain loss of the student.
 """
 
 from __future__ import annotations
@@ -32,17 +48,37 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput, has_length
 
 from .data.collators import (
+    AlbefClassificationCollator,
+    AlbefImageTextCollator,
     AlbefPretrainingCollator,
     AlbefRetrievalCollator,
+    AlbefVqaCollator,
     EpochKeyedSampler,
     KeyedDataset,
 )
-from .evaluation import compute_retrieval_scores, itm_eval, retrieval_eval_set_from_samples
-from .modelcard import AlbefCardInfo, build_model_card, save_model_card
+from .evaluation import (
+    GroundingEvalSet,
+    VqaEvalSet,
+    classification_metrics,
+    compute_retrieval_scores,
+    grounding_metrics,
+    itm_eval,
+    predict_grounding,
+    predict_vqa,
+    retrieval_eval_set_from_samples,
+    vqa_metrics,
+)
+from .modelcard import AlbefCardInfo, build_model_card, save_model_card, task_for_model_class
 from .modeling_albef import AlbefForImageTextRetrieval, AlbefForPreTraining
+from .modeling_albef_downstream import (
+    AlbefForQuestionAnswering,
+    AlbefForTextAssignment,
+    AlbefForVisualEntailment,
+    AlbefForVisualReasoning,
+)
 from .momentum import (
     MOMENTUM_STATE_NAME,
     FeatureQueues,
@@ -215,6 +251,38 @@ class AlbefTrainingArguments(TrainingArguments):
     retrieval_k: int = field(
         default=128, metadata={"help": "Candidates re-ranked with ITM per query in evaluation."}
     )
+    vqa_k: int = field(
+        default=128,
+        metadata={
+            "help": "VQA evaluation: answers kept by the first-token shortlist before full scoring (the original's "
+            "k_test)."
+        },
+    )
+    vqa_top_k: int = field(
+        default=5, metadata={"help": "VQA predictions: answers returned per question, with probabilities."}
+    )
+    vqa_generate: bool = field(
+        default=False,
+        metadata={"help": "VQA evaluation: generate open answers instead of ranking the answer list."},
+    )
+    vqa_num_beams: int = field(default=1, metadata={"help": "VQA generation: beams (1: greedy)."})
+    vqa_max_new_tokens: int = field(
+        default=10, metadata={"help": "VQA generation: longest answer in tokens."}
+    )
+    gradcam_mode: str = field(
+        default="itm",
+        metadata={
+            "help": "Grounding evaluation: Grad-CAM of the ITM score on a fusion layer's cross-attention ('itm', "
+            "the paper's) or of the ITC similarity on a ViT block ('itc')."
+        },
+    )
+    gradcam_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Grounding evaluation: the text layer (itm; default the third fusion layer) or ViT block (itc; "
+            "default 8) of the Grad-CAM."
+        },
+    )
 
     def __post_init__(self) -> None:
         albef_schedule = self.lr_scheduler_type if self.lr_scheduler_type in ALBEF_LR_SCHEDULES else None
@@ -232,6 +300,15 @@ class AlbefTrainingArguments(TrainingArguments):
             ),
             (self.queue_size >= 0, f"queue_size must be >= 0, got {self.queue_size}"),
             (self.retrieval_k >= 1, f"retrieval_k must be >= 1, got {self.retrieval_k}"),
+            (self.vqa_k >= 1 and self.vqa_top_k >= 1, "vqa_k and vqa_top_k must be >= 1"),
+            (
+                self.vqa_num_beams >= 1 and self.vqa_max_new_tokens >= 1,
+                "vqa generation needs >= 1 beam and token",
+            ),
+            (
+                self.gradcam_mode in ("itm", "itc"),
+                f"gradcam_mode must be 'itm' or 'itc', got {self.gradcam_mode}",
+            ),
             (self.warmup_start_lr is None or self.warmup_start_lr >= 0, "warmup_start_lr must be >= 0"),
             (self.min_lr is None or self.min_lr >= 0, "min_lr must be >= 0"),
             (
@@ -261,21 +338,58 @@ class AlbefTrainingArguments(TrainingArguments):
 # ----------------------------------------------------------------------------------------------
 
 _LOSS_FIELDS = ("loss_itc", "loss_itm", "loss_mlm")
+# Output fields transformers' evaluation loop must not collect for the classifiers (only their logits).
+_NON_LOGIT_FIELDS = ["multimodal_embeds", "image_embeds", "cross_attentions"]
+# What each model class optimises (for the model card).
+_OBJECTIVES = {
+    AlbefForPreTraining: "ITC + ITM (hard negatives) + MLM",
+    AlbefForImageTextRetrieval: "ITC + ITM (hard negatives), image-id positives",
+    AlbefForQuestionAnswering: "answer generation loss, weighted by answer weights",
+    AlbefForVisualReasoning: "NLVR2 classification (cross-entropy)",
+    AlbefForTextAssignment: "NLVR2 text assignment (3-way cross-entropy)",
+    AlbefForVisualEntailment: "SNLI-VE classification (cross-entropy)",
+}
+_CLASSIFIERS = (AlbefForVisualReasoning, AlbefForVisualEntailment)
+_CARD_METRICS = ("txt_r", "img_r", "r_mean", "accuracy", "vqa_score", "box_accuracy")
+
+
+def _contrastive(model: nn.Module) -> bool:
+    """Whether the model has ITC (feature queues, temperature) rather than a task head."""
+    return isinstance(model, (AlbefForPreTraining, AlbefForImageTextRetrieval))
+
+
+def _default_collator(model: nn.Module, processor: Any) -> Any:
+    if isinstance(model, AlbefForPreTraining):
+        return AlbefPretrainingCollator(processor)
+    if isinstance(model, AlbefForImageTextRetrieval):
+        return AlbefRetrievalCollator(processor)
+    if isinstance(model, AlbefForQuestionAnswering):
+        return AlbefVqaCollator(processor)
+    if isinstance(model, _CLASSIFIERS):
+        pairs = isinstance(model, AlbefForVisualReasoning)
+        return AlbefClassificationCollator(
+            processor, images_per_sample=2 if pairs else 1, num_labels=len(model.label_names)
+        )
+    return AlbefImageTextCollator(processor)
 
 
 class AlbefTrainer(Trainer):
-    """Trainer for `AlbefForPreTraining` and `AlbefForImageTextRetrieval` with momentum distillation.
+    """Trainer for every ALBEF model with momentum distillation (see the module docstring for what each gets).
 
     Args:
-        model: the student, an `AlbefForPreTraining` (ITC + ITM + MLM) or `AlbefForImageTextRetrieval`
-            (ITC + ITM with image-id positives).
+        model: the student: `AlbefForPreTraining` (ITC + ITM + MLM), `AlbefForImageTextRetrieval` (ITC + ITM with
+            image-id positives; also grounding fine-tuning), `AlbefForQuestionAnswering`,
+            `AlbefForVisualReasoning`, `AlbefForTextAssignment` or `AlbefForVisualEntailment`.
         args: `AlbefTrainingArguments`.
-        data_collator: default: `AlbefPretrainingCollator` / `AlbefRetrievalCollator` over `processing_class`
-            (no augmentation; pass one with a training transform for real runs). Unset collator fields
-            (`seed`, `vocab_size`, `mlm_probability`) are filled from the run and the model config.
-        train_dataset: reader samples (`albef_hf.data.readers`), map-style or iterable.
-        eval_dataset: a retrieval test set (`RetrievalEvalSet`, the synthetic world's `RetrievalEval`, or
-            reader samples grouped by `image_id`), or a dict of them.
+        data_collator: default: the model's collator over `processing_class` (`AlbefPretrainingCollator`,
+            `AlbefRetrievalCollator`, `AlbefVqaCollator`, `AlbefClassificationCollator`, `AlbefImageTextCollator`
+            for TA), without augmentation; pass one with a training transform for real runs. Unset collator fields
+            (`seed`, `vocab_size`, `mlm_probability`) are filled from the run and the model config. Evaluation
+            batches use its `for_evaluation()` copy (no training transform).
+        train_dataset: reader samples (`albef_hf.data.readers`, `albef_hf.data.downstream`), map-style or iterable.
+        eval_dataset: retrieval: a `RetrievalEvalSet` (or the synthetic world's `RetrievalEval`, or reader samples
+            grouped by `image_id`); grounding: a `GroundingEvalSet`; VQA: a `VqaEvalSet`; NLVR2 / SNLI-VE: samples.
+            Or a dict of them.
         processing_class: the `AlbefProcessor` (needed by the default collator and by evaluation; saved with
             the model).
         kwargs: the other `Trainer` arguments (callbacks, optimizers, ...).
@@ -285,11 +399,22 @@ class AlbefTrainer(Trainer):
         >>> trainer = AlbefTrainer(model, args, collator, train_dataset, eval_set, processing_class=processor)
         >>> trainer.train()
         >>> trainer.evaluate()  # {"eval_txt_r1": ..., "eval_img_r1": ..., "eval_r_mean": ...}
+
+        >>> vqa = AlbefForQuestionAnswering.from_pretrained_albef("path/to/pretrained")
+        >>> trainer = AlbefTrainer(vqa, args, AlbefVqaCollator(processor, transform), train_samples,
+        ...                        VqaEvalSet(test_samples, answer_list), processing_class=processor)
+        >>> trainer.train(); trainer.evaluate()  # {"eval_vqa_score": ...}
     """
 
     def __init__(
         self,
-        model: AlbefForPreTraining | AlbefForImageTextRetrieval | None = None,
+        model: AlbefForPreTraining
+        | AlbefForImageTextRetrieval
+        | AlbefForQuestionAnswering
+        | AlbefForVisualReasoning
+        | AlbefForTextAssignment
+        | AlbefForVisualEntailment
+        | None = None,
         args: AlbefTrainingArguments | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
@@ -301,30 +426,25 @@ class AlbefTrainer(Trainer):
             raise ValueError(
                 "AlbefTrainer needs a model instance (model_init is not supported: the teacher copies it)"
             )
-        if not isinstance(model, (AlbefForPreTraining, AlbefForImageTextRetrieval)):
-            raise TypeError(
-                f"AlbefTrainer trains AlbefForPreTraining or AlbefForImageTextRetrieval, got {type(model).__name__}"
-            )
+        if not isinstance(model, tuple(_OBJECTIVES)):
+            names = ", ".join(cls.__name__ for cls in _OBJECTIVES)
+            raise TypeError(f"AlbefTrainer trains {names}; got {type(model).__name__}")
         args = args if args is not None else AlbefTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, AlbefTrainingArguments):
             raise TypeError(f"AlbefTrainer needs AlbefTrainingArguments, got {type(args).__name__}")
         config = model.config
-        weights = [config.itc_weight, config.itm_weight]
-        if isinstance(model, AlbefForPreTraining):
-            weights.append(config.mlm_weight)
-        if args.ddp_find_unused_parameters is None and min(weights) == 0:
-            args.ddp_find_unused_parameters = True  # a switched-off objective leaves its head without grads
+        if args.ddp_find_unused_parameters is None and _has_unused_parameters(model):
+            args.ddp_find_unused_parameters = True
         if data_collator is None:
             if processing_class is None:
                 raise ValueError(
                     "pass a data_collator, or a processing_class (AlbefProcessor) to build the default one"
                 )
-            collator_class = (
-                AlbefPretrainingCollator if isinstance(model, AlbefForPreTraining) else AlbefRetrievalCollator
-            )
-            data_collator = collator_class(processing_class)
-            logger.info("using %s without augmentation as the data collator", collator_class.__name__)
+            data_collator = _default_collator(model, processing_class)
+            logger.info("using %s without augmentation as the data collator", type(data_collator).__name__)
         _fill_collator_defaults(data_collator, args, config)
+        if isinstance(model, _CLASSIFIERS) and kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = classification_metrics
         super().__init__(
             model=model,
             args=args,
@@ -339,6 +459,7 @@ class AlbefTrainer(Trainer):
         )
         self.teacher: MomentumTeacher | None = None
         self.queues: FeatureQueues | None = None
+        self._momentum_ready = False
         self._ema_step: int | None = None
         self._alpha_warmup_steps = args.alpha_warmup_steps
         self._steps_per_epoch: int | None = None
@@ -353,6 +474,11 @@ class AlbefTrainer(Trainer):
     def student(self) -> AlbefForPreTraining | AlbefForImageTextRetrieval:
         """The model being trained, unwrapped from DDP and friends."""
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def contrastive(self) -> bool:
+        """Whether the student has ITC: feature queues, a temperature, the teacher in evaluation losses."""
+        return _contrastive(self.student)
 
     def _check_training_setup(self) -> None:
         args = self.args
@@ -374,25 +500,37 @@ class AlbefTrainer(Trainer):
                 "AlbefTrainer does not support torch.nn.DataParallel (it would split the queues across GPUs); "
                 "launch one process per GPU with torchrun or accelerate launch"
             )
-        if args.queue_size:
+        if args.queue_size and self.contrastive:
             check_queue_size(args.queue_size, args.per_device_train_batch_size * args.world_size)
-        if not args.dataloader_drop_last and args.queue_size:
+        if not args.dataloader_drop_last and args.queue_size and self.contrastive:
             logger.warning(
                 "dataloader_drop_last=False: a smaller last batch writes a partial block of the queues"
             )
 
     def setup_momentum(self) -> None:
-        """Build the teacher and the queues (once), loading `momentum_state_path` when given."""
-        if self.teacher is not None:
+        """Build the teacher and the queues (once), loading `momentum_state_path` when given.
+
+        Models with ITC always get a teacher (it also provides the contrastive candidates) and, with
+        `queue_size > 0`, the queues; the task heads get a teacher when `distill` is on and they can be distilled
+        (not `AlbefForTextAssignment`), and never queues.
+        """
+        if self._momentum_ready:
             return
         args, student = self.args, self.student
         self._check_training_setup()
-        self.teacher = MomentumTeacher(student, args.momentum)
-        if args.queue_size:
+        self._momentum_ready = True
+        distillable = hasattr(student, "compute_teacher_outputs")
+        if self.contrastive or (distillable and args.distill):
+            self.teacher = MomentumTeacher(student, args.momentum)
+        elif distillable:
+            logger.info("distill=False: %s trains without a momentum teacher", type(student).__name__)
+        if args.queue_size and self.contrastive:
             self.queues = FeatureQueues(args.queue_size, student.config.embed_dim, device=student.device)
-        if args.momentum_state_path:
+        if args.momentum_state_path and self.teacher is not None:
             load_momentum_state(args.momentum_state_path, self.teacher, self.queues, student)
             logger.info("started the momentum teacher and queues from %s", args.momentum_state_path)
+        if not self.contrastive:
+            return
         config = student.config
         if args.temp_min is not None:
             config.temp_min = args.temp_min
@@ -409,7 +547,7 @@ class AlbefTrainer(Trainer):
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
         values = super().set_initial_training_values(args, dataloader)
         self._steps_per_epoch = values[1] if has_length(dataloader) else None
-        if self._alpha_warmup_steps is None and self.args.distill:
+        if self._alpha_warmup_steps is None and self.args.distill and self.teacher is not None:
             if self._steps_per_epoch is None:
                 raise ValueError(
                     "alpha ramps up over the first epoch by default, but the training data has no length: "
@@ -522,19 +660,21 @@ class AlbefTrainer(Trainer):
         """The ALBEF loss of a batch, with the momentum teacher, the queues and `alpha`.
 
         In training mode this also moves the EMA (at the first micro-batch of each optimizer step, before the
-        teacher runs), clamps the temperature, and enqueues the teacher features of all processes.
+        teacher runs), clamps the temperature, and enqueues the teacher features of all processes. The task heads
+        use their teacher in training only (their evaluation loss is the student's plain loss); a model without a
+        teacher (text assignment, `distill=False`, or before `train()`) computes its plain loss.
         """
-        if self.teacher is None:  # not trained by this trainer (e.g. a loss evaluated before train())
+        training = model.training
+        if self.teacher is None or not (training or self.contrastive):
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         student = self.student
-        training = model.training
         inputs = dict(inputs)
         if training:
             if self._ema_step != self.state.global_step:
                 self.teacher.update(student)
                 self._ema_step = self.state.global_step
-            if self.args.clamp_temp:
+            if self.args.clamp_temp and self.contrastive:
                 with torch.no_grad():
                     student.temp.clamp_(student.config.temp_min, student.config.temp_max)
         if (
@@ -569,12 +709,15 @@ class AlbefTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean ITC/ITM/MLM losses since the last log, alpha, the temperature and skipped samples."""
-        if "loss" in logs and self._loss_count:
-            for name, total in self._loss_sums.items():
-                logs[name] = round(float(total) / self._loss_count, 4)
-            self._loss_sums, self._loss_count = {}, 0
-            logs["alpha"] = round(self.current_alpha(), 4)
-            logs["temp"] = round(float(self.student.temp.detach()), 5)
+        if "loss" in logs:
+            if self._loss_count:
+                for name, total in self._loss_sums.items():
+                    logs[name] = round(float(total) / self._loss_count, 4)
+                self._loss_sums, self._loss_count = {}, 0
+            if self.teacher is not None:
+                logs["alpha"] = round(self.current_alpha(), 4)
+            if self.contrastive:
+                logs["temp"] = round(float(self.student.temp.detach()), 5)
             stats = getattr(self.train_dataset, "skip_stats", None)
             if stats is not None and stats.total:
                 logs.update(
@@ -625,11 +768,14 @@ class AlbefTrainer(Trainer):
 
     def _model_card(self, model_name: str | None = None) -> Any:
         args, student = self.args, self.student
-        task = "pretraining" if isinstance(student, AlbefForPreTraining) else "retrieval"
-        objectives = ["ITC", "ITM (hard negatives)"] + (["MLM"] if task == "pretraining" else [])
+        task = "grounding" if self._grounding else task_for_model_class(type(student).__name__)
+        if self.teacher is None and not self.contrastive:
+            distillation = "off" + (" (not distilled, as the original)" if args.distill else "")
+        else:
+            distillation = f"momentum {args.momentum:g}, alpha {args.alpha:g}" if args.distill else "off"
         training = {
             "trainer": "albef_hf.AlbefTrainer",
-            "objectives": " + ".join(objectives),
+            "objectives": next(text for cls, text in _OBJECTIVES.items() if isinstance(student, cls)),
             "optimizer steps": self.state.global_step,
             "epochs": round(self.state.epoch or 0.0, 2),
             "global batch size": args.per_device_train_batch_size
@@ -637,17 +783,14 @@ class AlbefTrainer(Trainer):
             * args.gradient_accumulation_steps,
             "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler_type})",
             "weight decay": f"{args.weight_decay:g} (1-D parameters and biases exempt)",
-            "momentum distillation": f"momentum {args.momentum:g}, alpha {args.alpha:g}"
-            if args.distill
-            else "off",
-            "queue size": args.queue_size,
+            "momentum distillation": distillation,
+            "queue size": args.queue_size if self.contrastive else "none (no ITC)",
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         }
         metrics = {
             key.split("_", 1)[1]: value
             for key, value in self._last_eval_metrics.items()
-            if key.split("_", 1)[-1]
-            in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+            if _card_metric(key.split("_", 1)[-1])
         }
         info = AlbefCardInfo(
             model_name=model_name or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
@@ -661,45 +804,63 @@ class AlbefTrainer(Trainer):
 
     # -- evaluation ----------------------------------------------------------------------------------
 
+    @property
+    def _grounding(self) -> bool:
+        """Whether this run evaluates grounding (its model card then says so)."""
+        data = self.eval_dataset
+        sets = data.values() if isinstance(data, dict) else [data]
+        return any(isinstance(item, GroundingEvalSet) for item in sets)
+
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Retrieval evaluation as the original (TR/IR recall@1/5/10 and means), split across processes.
+        """The evaluation of the student's task, split across processes.
+
+        - `AlbefForPreTraining` / `AlbefForImageTextRetrieval`: retrieval as the original (TR/IR recall@1/5/10
+          and means) on a `RetrievalEvalSet`-like object or reader samples; box accuracy by Grad-CAM on a
+          `GroundingEvalSet` (`gradcam_mode`, `gradcam_layer`).
+        - `AlbefForQuestionAnswering`: VQA score on a `VqaEvalSet` (answer-list ranking with `vqa_k`, or
+          generation with `vqa_generate`); plain samples are answered by generation.
+        - `AlbefForVisualReasoning` / `AlbefForVisualEntailment`: transformers' evaluation loop over samples
+          (batches from the collator's `for_evaluation()` copy), `accuracy` by `compute_metrics`.
 
         Args:
-            eval_dataset: a `RetrievalEvalSet`-like object or reader samples (default: `self.eval_dataset`); a
-                dict evaluates each under `{metric_key_prefix}_{name}`.
-            ignore_keys: unused (kept for the Trainer interface).
+            eval_dataset: default `self.eval_dataset`; a dict evaluates each under `{metric_key_prefix}_{name}`.
+            ignore_keys: for the classifiers' evaluation loop (default: every output but the logits).
             metric_key_prefix: prefix of the metric names.
 
         Returns:
-            `{prefix}_txt_r1`, `_txt_r5`, `_txt_r10`, `_txt_r_mean`, `_img_r1`, ..., `_r_mean`, `_runtime`.
+            `{prefix}_{metric}` in percent (`txt_r1`, ..., `r_mean`; `box_accuracy`; `vqa_score` and
+            `vqa_score_<question type>`; `accuracy`), and `{prefix}_runtime`.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
-            raise ValueError("evaluation needs an eval_dataset: a RetrievalEvalSet or image-text samples")
+            raise ValueError("evaluation needs an eval_dataset (see AlbefTrainer.evaluate for its kinds)")
         if isinstance(dataset, dict):
             metrics = {}
             for name, data in dataset.items():
                 metrics.update(self.evaluate(data, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        student = self.student
+        if isinstance(student, AlbefForTextAssignment):
+            raise ValueError(
+                "the text-assignment step has no evaluation: fine-tune AlbefForVisualReasoning after it"
+            )
+        if isinstance(student, _CLASSIFIERS):
+            metrics = super().evaluate(
+                dataset, ignore_keys if ignore_keys is not None else _NON_LOGIT_FIELDS, metric_key_prefix
+            )
+            self._last_eval_metrics = metrics
+            return metrics
         if self.processing_class is None:
-            raise ValueError("retrieval evaluation needs the AlbefProcessor as processing_class")
+            raise ValueError("evaluation needs the AlbefProcessor as processing_class")
         self._memory_tracker.start()
         start = time.time()
-        eval_set = self._eval_sets.get(id(dataset))
-        if eval_set is None:
-            eval_set = self._eval_sets[id(dataset)] = retrieval_eval_set_from_samples(dataset)
         with self.accelerator.autocast():
-            scores_i2t, scores_t2i = compute_retrieval_scores(
-                self.student,
-                self.processing_class,
-                eval_set,
-                k=self.args.retrieval_k,
-                batch_size=self.args.per_device_eval_batch_size,
-                device=self.args.device,
-            )
-        results = itm_eval(scores_i2t.numpy(), scores_t2i.numpy(), eval_set.txt2img, eval_set.img2txt)
+            if isinstance(dataset, GroundingEvalSet) or isinstance(student, AlbefForQuestionAnswering):
+                results = self._task_predictions(dataset)[1]
+            else:
+                results = self._retrieval_metrics(dataset)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in results.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
@@ -707,6 +868,99 @@ class AlbefTrainer(Trainer):
         self._memory_tracker.stop_and_update_metrics(metrics)
         self._last_eval_metrics = metrics
         return metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Predictions of the student's task.
+
+        For VQA (a `VqaEvalSet`, or samples: generation) and grounding (a `GroundingEvalSet`), `predictions` is a
+        list with one dict per sample (VQA: `answer`, `top_answers` with probabilities, `question_id`; grounding:
+        the chosen `box`, its `candidate` index, `iou`, `correct`), and `metrics` scores them where the samples
+        have answers / boxes. Other models: `Trainer.predict`.
+        """
+        if not (
+            isinstance(test_dataset, GroundingEvalSet) or isinstance(self.student, AlbefForQuestionAnswering)
+        ):
+            if ignore_keys is None and isinstance(self.student, _CLASSIFIERS):
+                ignore_keys = _NON_LOGIT_FIELDS
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+        start = time.time()
+        with self.accelerator.autocast():
+            predictions, results = self._task_predictions(test_dataset)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in results.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(predictions=predictions, label_ids=None, metrics=metrics)
+
+    def _task_predictions(self, dataset: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """VQA or grounding predictions for `dataset` and their metrics."""
+        args, student = self.args, self.student
+        common = dict(batch_size=args.per_device_eval_batch_size, device=args.device)
+        if isinstance(dataset, GroundingEvalSet):
+            predictions = predict_grounding(
+                student, self.processing_class, dataset, args.gradcam_mode, args.gradcam_layer, **common
+            )
+            return predictions, grounding_metrics(predictions, dataset.samples)
+        if not isinstance(dataset, VqaEvalSet):
+            dataset = VqaEvalSet(dataset)
+        predictions = predict_vqa(
+            student,
+            self.processing_class,
+            dataset,
+            k=args.vqa_k,
+            top_k=args.vqa_top_k,
+            generate=args.vqa_generate,
+            generate_kwargs={"num_beams": args.vqa_num_beams, "max_new_tokens": args.vqa_max_new_tokens},
+            **common,
+        )
+        return predictions, vqa_metrics(predictions, dataset.samples)
+
+    def _retrieval_metrics(self, dataset: Any) -> dict[str, float]:
+        eval_set = self._eval_sets.get(id(dataset))
+        if eval_set is None:
+            eval_set = self._eval_sets[id(dataset)] = retrieval_eval_set_from_samples(dataset)
+        scores_i2t, scores_t2i = compute_retrieval_scores(
+            self.student,
+            self.processing_class,
+            eval_set,
+            k=self.args.retrieval_k,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+        )
+        return itm_eval(scores_i2t.numpy(), scores_t2i.numpy(), eval_set.txt2img, eval_set.img2txt)
+
+    def _get_dataloader(self, dataset: Any, description: str, batch_size: int, *args: Any, **kwargs: Any):
+        """Evaluation and prediction batches come from the collator's `for_evaluation()` copy (no training
+        transform), and none is dropped (`dataloader_drop_last` is for the queues of training)."""
+        if kwargs.get("is_training", False):
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        training_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
+        for_evaluation = getattr(training_collator, "for_evaluation", None)
+        try:
+            self.data_collator = for_evaluation() if callable(for_evaluation) else training_collator
+            self.args.dataloader_drop_last = False
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        finally:
+            self.data_collator, self.args.dataloader_drop_last = training_collator, drop_last
+
+
+def _card_metric(name: str) -> bool:
+    retrieval = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+    return name in retrieval or name.startswith(("accuracy", "vqa_score", "box_accuracy"))
+
+
+def _has_unused_parameters(model: nn.Module) -> bool:
+    """Whether some parameter gets no gradient in a training step (DDP must then look for unused ones)."""
+    if isinstance(model, AlbefForTextAssignment):
+        return True  # vision_proj only draws the image pairs, without gradient
+    if not _contrastive(model):
+        return False
+    config = model.config
+    weights = [config.itc_weight, config.itm_weight]
+    if isinstance(model, AlbefForPreTraining):
+        weights.append(config.mlm_weight)
+    return min(weights) == 0  # a switched-off objective leaves its head without grads
 
 
 def _relative_lr(step: int, lr_at: Any, peak_lr: float) -> float:

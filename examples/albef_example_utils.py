@@ -1,7 +1,11 @@
-"""What `run_pretraining.py` and `run_retrieval.py` share: arguments, model/processor/data builders, the run.
+"""What the example scripts share: arguments, model/processor/data builders, the run.
+
+`run_pretraining.py` and `run_retrieval.py` are `run(...)` with their model and collator. The downstream
+scripts (`run_vqa.py`, `run_nlvr.py`, `run_ve.py`, `run_grounding.py`) compose `parse_arguments`,
+`build_task_model`, `build_processor`, `read_task_data`, `build_transform` and `train_evaluate_save`.
 
 Kept next to the scripts (not in the package) so that each script stays a readable recipe, like the
-transformers examples, without copying this part twice.
+transformers examples, without copying this part several times.
 """
 
 from __future__ import annotations
@@ -10,15 +14,23 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import numpy as np
 import transformers
 from transformers import BertTokenizerFast, HfArgumentParser
 
-from albef_hf import AlbefConfig, AlbefImageProcessor, AlbefProcessor
-from albef_hf.data.readers import build_image_text_dataset, read_albef_json, read_hf_dataset
+from albef_hf import AlbefConfig, AlbefForPreTraining, AlbefImageProcessor, AlbefProcessor
+from albef_hf.data.downstream import TaskDataset, read_task_table
+from albef_hf.data.readers import (
+    build_image_text_dataset,
+    load_named_dataset,
+    read_albef_json,
+    read_hf_dataset,
+)
 from albef_hf.data.transforms import build_train_transform
 from albef_hf.evaluation import retrieval_eval_set_from_samples
 from albef_hf.trainer import AlbefTrainer, AlbefTrainingArguments
@@ -124,6 +136,82 @@ class DataArguments:
         default=True, metadata={"help": "RandAugment with the original's ops and magnitude."}
     )
     horizontal_flip: bool = field(default=True, metadata={"help": "Random horizontal flips."})
+    random_crop: bool = field(
+        default=True,
+        metadata={
+            "help": "RandomResizedCrop as the original; false: a plain resize (for data whose text counts objects "
+            "or names positions, such as the synthetic world, where a crop can make the text false)."
+        },
+    )
+
+
+@dataclass
+class TaskDataArguments:
+    """Where a downstream task's data come from and how its training images are augmented.
+
+    Training and evaluation data each come from the original's json files (--train_file / --eval_file), or from
+    one Hugging Face dataset (--dataset_name, its --train_split and --eval_split) with the columns of
+    `albef_hf.data.downstream.TASK_COLUMNS` (others named with --column_names), or from the synthetic world
+    (--dataset_name synthetic: its train split for training, its held-out test split for evaluation).
+    """
+
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "The original's json file(s) of the training split."}
+    )
+    eval_file: list[str] | None = field(
+        default=None, metadata={"help": "The original's json file(s) of the evaluation split."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Directory image paths are relative to."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hugging Face dataset with the task's columns (Hub id, save_to_disk folder, loading script), "
+            "or 'synthetic' for the built-in synthetic world."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir of the dataset."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches prepared data."})
+    train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
+    eval_split: str = field(default="test", metadata={"help": "Split of --dataset_name to evaluate on."})
+    column_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated field=column pairs for --dataset_name, e.g. 'text=question,answers=answer' "
+            "(fields and defaults: albef_hf.data.downstream.TASK_COLUMNS)."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N samples."})
+    synthetic_train_items: int = field(
+        default=4000, metadata={"help": "Samples of the synthetic world's training split."}
+    )
+    synthetic_eval_items: int = field(
+        default=500, metadata={"help": "Samples of the synthetic world's held-out test split."}
+    )
+    synthetic_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the synthetic world (default: --seed, as run_pretraining.py uses): use the pretraining "
+            "run's, so that the test layouts are ones the pretrained model never saw."
+        },
+    )
+    randaugment: bool = field(
+        default=True, metadata={"help": "RandAugment with the original's ops and magnitude."}
+    )
+    horizontal_flip: bool = field(
+        default=True,
+        metadata={
+            "help": "Random horizontal flips (the original's; false for text that says left or right)."
+        },
+    )
+    random_crop: bool = field(
+        default=True,
+        metadata={
+            "help": "RandomResizedCrop as the original; false: a plain resize (for text that counts objects or "
+            "names positions, such as the synthetic world's, which a crop can make false)."
+        },
+    )
 
 
 def setup_logging(training_args: AlbefTrainingArguments) -> None:
@@ -279,47 +367,137 @@ def build_eval_set(data_args: DataArguments, image_size: int, seed: int) -> Any:
     return retrieval_eval_set_from_samples(samples)
 
 
-def run(
-    model_class: type,
-    collator_class: type,
-    args_class: type[AlbefTrainingArguments],
-    crop: str,
-    default_max_length: int,
-    argv: list[str] | None = None,
-) -> AlbefTrainer:
-    """Parse the arguments, build everything, train / evaluate / save / push; returns the trainer."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, args_class))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    setup_logging(training_args)
-    transformers.set_seed(training_args.seed)
+def parse_arguments(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse the command line (or one json file of arguments) into the dataclasses, set up logging and the seed.
 
-    model = build_model(model_class, model_args)
-    image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length)
-    if len(processor.tokenizer) > model.config.text_config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {model.config.text_config.vocab_size}"
+    The last dataclass must be the training arguments.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(parsed[-1])
+    transformers.set_seed(parsed[-1].seed)
+    return tuple(parsed)
+
+
+def build_task_model(
+    model_class: type, model_args: ModelArguments, config_kwargs: Callable[[AlbefConfig], dict] | None = None
+) -> Any:
+    """A downstream model, and how it was initialised (printed).
+
+    - --model_name_or_path holding a `model_class` checkpoint: loaded as it is (to evaluate or continue it);
+    - holding another ALBEF (a pretrained `AlbefForPreTraining`; for NLVR2 also the text-assignment model):
+      `model_class.from_pretrained_albef`, at --image_size when given, and its report is printed;
+    - no path: a freshly initialised `AlbefForPreTraining` from the configuration (--config_name,
+      --config_overrides, or the pretrained towers), turned into the task model the same way.
+
+    Args:
+        config_kwargs: configuration overrides of the task model, computed from the source's configuration (the
+            VQA decoder's depth, for example).
+    """
+    path = model_args.model_name_or_path
+    if path:
+        config = AlbefConfig.from_pretrained(path)
+        if (config.architectures or [None])[0] == model_class.__name__:
+            logger.warning("loading the %s checkpoint %s as it is", model_class.__name__, path)
+            return model_class.from_pretrained(path)
+        source = path
+    else:
+        source = build_model(AlbefForPreTraining, model_args)
+        config = source.config
+    model, report = model_class.from_pretrained_albef(
+        source,
+        image_size=model_args.image_size,
+        output_loading_info=True,
+        **(config_kwargs(config) if config_kwargs else {}),
+    )
+    print(f"{model_class.__name__} {report}", flush=True)
+    return model
+
+
+def _column_names(text: str | None) -> dict[str, str]:
+    columns = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            field_name, separator, column = item.partition("=")
+            if not separator:
+                raise ValueError(f"column_names: expected field=column, got {item!r}")
+            columns[field_name.strip()] = column.strip()
+    return columns
+
+
+def read_task_data(
+    task: str,
+    data_args: TaskDataArguments,
+    split: str,
+    image_size: int,
+    seed: int,
+    read_json: Callable[..., TaskDataset],
+    box_format: str = "xywh",
+) -> TaskDataset | None:
+    """The training (`split="train"`) or evaluation (`"eval"`) samples of a task, or None when none are given.
+
+    Args:
+        task: "vqa", "nlvr2", "ve" or "grounding" (the synthetic world's and `read_task_table`'s names).
+        read_json: the task's reader of the original's json files, called with the files and the image root.
+        box_format: of a Hugging Face dataset's boxes (the synthetic world's are "xyxy" corners).
+    """
+    files = data_args.train_file if split == "train" else data_args.eval_file
+    count = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+    if files:
+        dataset = read_json(files, data_args.image_root)
+    elif data_args.dataset_name == "synthetic":
+        from albef_hf.data.synthetic import SyntheticDataset
+
+        world_seed = data_args.synthetic_seed if data_args.synthetic_seed is not None else seed
+        items = data_args.synthetic_train_items if split == "train" else data_args.synthetic_eval_items
+        table = SyntheticDataset(
+            task, "train" if split == "train" else "test", items, world_seed, image_size=image_size
         )
-    train_dataset = (
-        build_train_dataset(data_args, image_size, training_args.seed) if training_args.do_train else None
+        dataset = read_task_table(table, task, box_format="xyxy")
+    elif data_args.dataset_name:
+        table = load_named_dataset(
+            data_args.dataset_name,
+            split=data_args.train_split if split == "train" else data_args.eval_split,
+            load_kwargs={
+                "name": data_args.dataset_config_name,
+                "data_dir": data_args.data_dir,
+                "cache_dir": data_args.cache_dir,
+            },
+        )
+        dataset = read_task_table(
+            table, task, _column_names(data_args.column_names), data_args.image_root, box_format
+        )
+    else:
+        return None
+    return dataset.head(count) if count is not None else dataset
+
+
+def build_transform(data_args: Any, image_size: int, crop: str = "finetune") -> Any:
+    """The original's training transform for `crop` ("pretrain", "finetune", "grounding"), as the flags allow."""
+    return build_train_transform(
+        image_size,
+        crop if data_args.random_crop else "grounding",  # "grounding" is the original's resize-only geometry
+        horizontal_flip=data_args.horizontal_flip,
+        randaugment=data_args.randaugment,
     )
-    eval_set = build_eval_set(data_args, image_size, training_args.seed)
-    if training_args.do_eval and eval_set is None:
-        raise ValueError("--do_eval needs a retrieval test set: --eval_file or --eval_dataset_name")
-    transform = build_train_transform(
-        image_size, crop, horizontal_flip=data_args.horizontal_flip, randaugment=data_args.randaugment
-    )
-    trainer = AlbefTrainer(
-        model,
-        training_args,
-        collator_class(processor, transform=transform),
-        train_dataset,
-        eval_set,
-        processing_class=processor,
-    )
+
+
+def check_vocabulary(model: Any, processor: AlbefProcessor) -> None:
+    vocab_size = model.config.text_config.vocab_size
+    if len(processor.tokenizer) > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {vocab_size}"
+        )
+
+
+def train_evaluate_save(
+    trainer: AlbefTrainer, training_args: AlbefTrainingArguments, predict_set: Any = None
+) -> dict[str, float]:
+    """Train, save the model and card, evaluate, predict (`predictions.json`), push; returns the eval metrics."""
+    metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
@@ -332,6 +510,49 @@ def run(
         trainer.save_metrics("eval", metrics)
         if training_args.do_train:
             trainer.save_model()  # the card now carries the results
+    if training_args.do_predict and predict_set is not None:
+        output = trainer.predict(predict_set)
+        predictions = output.predictions
+        if isinstance(predictions, np.ndarray):  # classifier logits
+            predictions = predictions.argmax(-1).tolist()
+        if trainer.is_world_process_zero():
+            with open(os.path.join(training_args.output_dir, "predictions.json"), "w") as file:
+                json.dump(predictions, file, indent=1)
+        trainer.log_metrics("test", output.metrics)
+        trainer.save_metrics("test", output.metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    return metrics
+
+
+def run(
+    model_class: type,
+    collator_class: type,
+    args_class: type[AlbefTrainingArguments],
+    crop: str,
+    default_max_length: int,
+    argv: list[str] | None = None,
+) -> AlbefTrainer:
+    """Parse the arguments, build everything, train / evaluate / save / push; returns the trainer."""
+    model_args, data_args, training_args = parse_arguments((ModelArguments, DataArguments, args_class), argv)
+
+    model = build_model(model_class, model_args)
+    image_size = model.config.image_size
+    processor = build_processor(model_args, image_size, default_max_length)
+    check_vocabulary(model, processor)
+    train_dataset = (
+        build_train_dataset(data_args, image_size, training_args.seed) if training_args.do_train else None
+    )
+    eval_set = build_eval_set(data_args, image_size, training_args.seed)
+    if training_args.do_eval and eval_set is None:
+        raise ValueError("--do_eval needs a retrieval test set: --eval_file or --eval_dataset_name")
+    trainer = AlbefTrainer(
+        model,
+        training_args,
+        collator_class(processor, transform=build_transform(data_args, image_size, crop)),
+        train_dataset,
+        eval_set,
+        processing_class=processor,
+    )
+    train_evaluate_save(trainer, training_args)
     return trainer

@@ -13,7 +13,16 @@ import torch
 from conftest import tiny_config, tiny_processor
 from PIL import Image
 
-from albef_hf import AlbefForImageTextRetrieval, AlbefModel, AlbefProcessor
+from albef_hf import (
+    AlbefForImageTextRetrieval,
+    AlbefForQuestionAnswering,
+    AlbefForTextAssignment,
+    AlbefForVisualEntailment,
+    AlbefForVisualReasoning,
+    AlbefModel,
+    AlbefProcessor,
+)
+from albef_hf.data.synthetic import VQA_ANSWER_LIST
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 CAPTIONS = ["a red circle", "two dogs running", "a blue square", "a cat on the left", "a man", "three cats",
@@ -188,3 +197,94 @@ def test_run_retrieval_trains_and_evaluates(tmp_path, model_files):
     results = json.loads((out / "eval_results.json").read_text())
     assert {"eval_txt_r1", "eval_img_r10", "eval_r_mean"} <= set(results)
     assert "txt_r1" in (out / "README.md").read_text()
+
+
+def synthetic_task_args(model_files, output_dir, *extra):
+    """A tiny fine-tuning run on the synthetic world: 8 training samples at 32 px, 5 held-out ones."""
+    return [
+        *common_args(model_files, output_dir), "--dataset_name", "synthetic", "--synthetic_train_items", "8",
+        "--synthetic_eval_items", "5", "--image_size", "32", "--max_steps", "2", "--do_eval", "--do_predict",
+        "--per_device_eval_batch_size", "2", "--random_crop", "false", "--horizontal_flip", "false", *extra,
+    ]  # fmt: skip
+
+
+def check_task_run(out, metric, model_class):
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results[metric] <= 100.0
+    assert metric.removeprefix("eval_") in (out / "README.md").read_text()
+    assert len(json.loads((out / "predictions.json").read_text())) == 5
+    return model_class.from_pretrained(out)
+
+
+def test_run_vqa_on_the_synthetic_world(tmp_path, model_files, capsys):
+    out = tmp_path / "out"
+    trainer = load_script("run_vqa").main(synthetic_task_args(model_files, out, "--vqa_top_k", "3"))
+    assert "AlbefForQuestionAnswering initialised from AlbefForPreTraining" in capsys.readouterr().out
+    model = check_task_run(out, "eval_vqa_score", AlbefForQuestionAnswering)
+    # the decoder has one layer per pretrained fusion layer, each initialised from it
+    assert model.config.decoder_config.num_hidden_layers == 2
+    prediction = json.loads((out / "predictions.json").read_text())[0]
+    assert len(prediction["top_answers"]) == 3 and prediction["answer"] in VQA_ANSWER_LIST
+    assert trainer.teacher is not None and trainer.queues is None
+
+
+def test_run_nlvr_with_the_text_assignment_step(tmp_path, model_files, capsys):
+    out = tmp_path / "out"
+    load_script("run_nlvr").main(
+        synthetic_task_args(
+            model_files,
+            out,
+            "--do_ta",
+            "--ta_dataset_name",
+            "synthetic",
+            "--ta_synthetic_images",
+            "6",
+            "--ta_max_steps",
+            "1",
+        )  # fmt: skip
+    )
+    printed = capsys.readouterr().out
+    assert "AlbefForTextAssignment initialised from AlbefForPreTraining" in printed
+    assert "AlbefForVisualReasoning initialised from AlbefForTextAssignment" in printed
+    assert (
+        AlbefForTextAssignment.from_pretrained(out / "text_assignment").config.text_config.num_hidden_layers
+        == 6
+    )
+    check_task_run(out, "eval_accuracy", AlbefForVisualReasoning)
+
+
+def test_run_ve_from_the_original_json(tmp_path, model_files):
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, label in enumerate(["entailment", "neutral", "contradiction", "entailment", "neutral"]):
+        (images / f"{i}.jpg").write_bytes(png(i))
+        entries.append({"image": str(i), "sentence": CAPTIONS[i], "label": label})
+    (tmp_path / "ve.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    load_script("run_ve").main(
+        common_args(
+            model_files,
+            out,
+            "--train_file",
+            str(tmp_path / "ve.json"),
+            "--eval_file",
+            str(tmp_path / "ve.json"),
+            "--image_root",
+            str(images),
+            "--max_steps",
+            "2",
+            "--do_eval",
+            "--do_predict",
+            "--per_device_eval_batch_size",
+            "2",
+        )  # fmt: skip
+    )
+    check_task_run(out, "eval_accuracy", AlbefForVisualEntailment)
+
+
+def test_run_grounding_on_the_synthetic_world(tmp_path, model_files):
+    out = tmp_path / "out"
+    trainer = load_script("run_grounding").main(synthetic_task_args(model_files, out, "--queue_size", "6"))
+    check_task_run(out, "eval_box_accuracy", AlbefForImageTextRetrieval)
+    assert trainer.queues is not None and "visual-grounding" in (out / "README.md").read_text()

@@ -2,7 +2,8 @@
 
 `python tests/trainer_helpers.py resume OUT CHECKPOINT` resumes the standard tiny run in a new process;
 `torchrun --nproc_per_node 2 tests/trainer_helpers.py distributed OUT` runs it on two CPU processes (gloo)
-and records, after every step, what each rank holds.
+and records, after every step, what each rank holds; `... downstream_eval OUT` evaluates tiny VQA, grounding and
+SNLI-VE models (`downstream_evaluations`) and records each rank's results.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import CAPTIONS, random_images, tiny_config, tiny_processor  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from albef_hf import AlbefForPreTraining  # noqa: E402
+from albef_hf import (  # noqa: E402
+    AlbefForImageTextRetrieval,
+    AlbefForPreTraining,
+    AlbefForQuestionAnswering,
+    AlbefForVisualEntailment,
+)
 from albef_hf.data.collators import AlbefPretrainingCollator  # noqa: E402
 from albef_hf.data.transforms import build_train_transform  # noqa: E402
+from albef_hf.evaluation import GroundingEvalSet, VqaEvalSet  # noqa: E402
+from albef_hf.modeling_albef_downstream import answer_decoder_config  # noqa: E402
 from albef_hf.trainer import AlbefTrainer, AlbefTrainingArguments  # noqa: E402
 
 
@@ -112,7 +120,59 @@ def run_resume(output_dir: str, checkpoint: str) -> None:
     tiny_trainer(output_dir, save_strategy="steps", save_steps=3).train(resume_from_checkpoint=checkpoint)
 
 
+def downstream_evaluations(output_dir: str) -> dict:
+    """Metrics and predictions of tiny VQA, grounding and SNLI-VE models on 5 samples each (batches of 2)."""
+    images = random_images(5, seed=2)
+    args = AlbefTrainingArguments(output_dir, per_device_eval_batch_size=2, use_cpu=True, report_to="none")
+    processor = tiny_processor()
+    results = {}
+    torch.manual_seed(0)
+    config = tiny_config()
+    vqa = AlbefForQuestionAnswering(tiny_config(decoder_config=answer_decoder_config(config.text_config, 2)))
+    questions = [
+        {"image": image, "text": CAPTIONS[i % 4], "answers": ["red", "two"][: 1 + i % 2]}
+        for i, image in enumerate(images)
+    ]
+    vqa_set = VqaEvalSet(questions, ["red", "blue", "two", "yes", "no"])
+    trainer = AlbefTrainer(vqa, args, processing_class=processor)
+    results["vqa"] = {
+        "metrics": trainer.evaluate(vqa_set),
+        "predictions": trainer.predict(vqa_set).predictions,
+    }
+    boxes = [[0, 0, 24, 20], [24, 0, 24, 20], [0, 20, 48, 20]]
+    expressions = [
+        {"image": image, "text": CAPTIONS[i % 4], "box": boxes[i % 3], "candidate_boxes": boxes}
+        for i, image in enumerate(images)
+    ]
+    trainer = AlbefTrainer(AlbefForImageTextRetrieval(config), args, processing_class=processor)
+    grounding = GroundingEvalSet(expressions)
+    results["grounding"] = {
+        "metrics": trainer.evaluate(grounding),
+        "predictions": trainer.predict(grounding).predictions,
+    }
+    hypotheses = [{"image": image, "text": CAPTIONS[i % 4], "label": i % 3} for i, image in enumerate(images)]
+    trainer = AlbefTrainer(AlbefForVisualEntailment(config), args, processing_class=processor)
+    results["ve"] = {
+        "metrics": trainer.evaluate(hypotheses),
+        "predictions": trainer.predict(hypotheses).predictions.tolist(),
+    }
+    for task in results.values():
+        task["metrics"] = {
+            k: v for k, v in task["metrics"].items() if not k.endswith(("_runtime", "_per_second", "_time"))
+        }
+    return results
+
+
+def run_downstream_eval(output_dir: str) -> None:
+    results = downstream_evaluations(output_dir)
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     command, *rest = sys.argv[1:]
-    {"distributed": run_distributed, "resume": run_resume}[command](*rest)
+    {"distributed": run_distributed, "resume": run_resume, "downstream_eval": run_downstream_eval}[command](
+        *rest
+    )

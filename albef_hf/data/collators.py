@@ -6,7 +6,18 @@ A reader sample is `{"image": PIL.Image, "text": str, "image_id": int, ...}` (se
   that never masks special or padding tokens -> `pixel_values, input_ids, attention_mask, mlm_input_ids,
   mlm_labels`.
 - `AlbefRetrievalCollator`: training transform and tokenisation -> `pixel_values, input_ids,
-  attention_mask, idx` (the image ids that define positives in retrieval fine-tuning).
+  attention_mask, idx` (the image ids that define positives in retrieval fine-tuning; also grounding
+  fine-tuning, which the original trains as retrieval on image ids).
+- `AlbefImageTextCollator`: transform and tokenisation only -> `pixel_values, input_ids, attention_mask`
+  (NLVR2's text-assignment step; the base of the others).
+- `AlbefClassificationCollator`: one image (SNLI-VE) or an image pair (NLVR2, `images_per_sample=2`), a
+  sentence and a label -> `pixel_values` (`(B, 3, H, W)` or `(B, 2, 3, H, W)`), `input_ids`,
+  `attention_mask`, `labels`.
+- `AlbefVqaCollator`: questions (cleaned with `pre_question`) and their weighted answers -> the batch keys
+  of `AlbefForQuestionAnswering` (see the class).
+
+The downstream samples (`albef_hf.data.downstream` reads them) keep the reader form: the sentence,
+hypothesis or question is `"text"`; an image pair is `"images": [first, second]`.
 
 Randomness
 ----------
@@ -29,9 +40,10 @@ good sample raises a `ValueError` that says why.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,10 +57,14 @@ from .transforms import RandomTransform
 
 __all__ = [
     "SAMPLE_KEY",
+    "AlbefClassificationCollator",
+    "AlbefImageTextCollator",
     "AlbefPretrainingCollator",
     "AlbefRetrievalCollator",
+    "AlbefVqaCollator",
     "EpochKeyedSampler",
     "KeyedDataset",
+    "vqa_answer_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,8 +138,22 @@ class KeyedDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-class _ImageTextCollator:
-    """Shared part: validation, per-sample generators, transform, tokenisation."""
+class AlbefImageTextCollator:
+    """Image-text batches: training transform and tokenisation; the base of the other collators.
+
+    Args:
+        processor: an `AlbefProcessor` (text normalisation, tokenisation, image normalisation).
+        transform: training transform applied to each PIL image before the processor (e.g.
+            `build_train_transform(256, "finetune")`); a `RandomTransform` draws from the sample's generator.
+        max_length: longest text in tokens; default: the processor's.
+        seed: seed of the per-sample generators (`AlbefTrainer` sets the run's data seed when None).
+
+    Returns (from `__call__`):
+        `pixel_values (B, 3, H, W)`, `input_ids`, `attention_mask` `(B, L)`: caption i describes image i.
+    """
+
+    #: Images per sample: 1 reads `"image"`, more read the list `"images"`.
+    images_per_sample: int = 1
 
     def __init__(
         self,
@@ -141,6 +171,19 @@ class _ImageTextCollator:
         self.num_skipped = 0
         self._stream: np.random.Generator | None = None
         self._stream_key: tuple[int, int] | None = None
+
+    def __call__(self, samples: Iterable[Any]) -> dict[str, torch.Tensor]:
+        return self._collate(samples)[0]
+
+    def for_evaluation(self) -> AlbefImageTextCollator:
+        """A copy without the training transform (the processor's resize only), for evaluation batches."""
+        evaluation = copy.copy(self)
+        evaluation.transform = None
+        return evaluation
+
+    def text_normalization(self) -> str | None:
+        """How texts are cleaned: "default" is the processor's own setting (`pre_caption` by default)."""
+        return "default"
 
     # -- randomness --------------------------------------------------------------------------------
 
@@ -162,28 +205,48 @@ class _ImageTextCollator:
 
     # -- validation ----------------------------------------------------------------------------------
 
-    def _prepare(self, sample: Any, transform_seed: int) -> tuple[PIL.Image.Image, str] | str:
-        """(transformed image, text) or the reason why the sample is bad."""
+    def _prepare(self, sample: Any, transform_seed: int) -> tuple[list[PIL.Image.Image], str] | str:
+        """(transformed images, text) or the reason why the sample is bad."""
         if not isinstance(sample, dict):
             return f"not a dict sample ({type(sample).__name__})"
         text = sample.get("text")
         if not isinstance(text, str):
             return f"no caption (text={text!r})"
-        if not self.processor.normalize([text])[0].strip():
+        if not self.processor.normalize([text], self.text_normalization())[0].strip():
             return f"empty caption after normalisation ({text!r})"
         reason = self._check_extra(sample)
         if reason:
             return reason
+        images = self._images_of(sample)
+        if isinstance(images, str):
+            return images
         try:
-            image = to_pil_rgb(sample.get("image"))
-            if self.transform is not None:
-                if isinstance(self.transform, RandomTransform):
-                    image = self.transform(image, rng=np.random.default_rng(transform_seed))
-                else:
-                    image = self.transform(image)
+            # image k > 0 of a sample gets its own stream, so image 0 draws as a one-image sample does
+            return [
+                self._transform(to_pil_rgb(image), [transform_seed, k] if k else transform_seed)
+                for k, image in enumerate(images)
+            ], text
         except (OSError, ValueError, SyntaxError, EOFError, TypeError) as error:
             return f"unusable image ({error})"
-        return image, text
+
+    def _images_of(self, sample: dict[str, Any]) -> list[Any] | str:
+        if self.images_per_sample == 1:
+            return [sample.get("image")]
+        images = sample.get("images")
+        if (
+            not isinstance(images, Sequence)
+            or isinstance(images, str)
+            or len(images) != self.images_per_sample
+        ):
+            return f"needs {self.images_per_sample} images in 'images', got {type(images).__name__}"
+        return list(images)
+
+    def _transform(self, image: PIL.Image.Image, seed: int | list[int]) -> PIL.Image.Image:
+        if self.transform is None:
+            return image
+        if isinstance(self.transform, RandomTransform):
+            return self.transform(image, rng=np.random.default_rng(seed))
+        return self.transform(image)
 
     def _check_extra(self, sample: dict[str, Any]) -> str | None:
         return None
@@ -217,13 +280,22 @@ class _ImageTextCollator:
                 # the next good sample, cyclically: keeps the batch size, and the choice is deterministic
                 position = next((g for g in good if g > position), good[0])
             chosen.append(position)
-        images = [prepared[i][0] for i in chosen]
+        images = [image for i in chosen for image in prepared[i][0]]
         texts = [prepared[i][1] for i in chosen]
-        batch = self.processor(images=images, text=texts, pairs=True, max_length=self.max_length)
-        return dict(batch), [samples[i] for i in chosen], [seeds[i][1] for i in chosen]
+        batch = dict(
+            self.processor(
+                images=images,
+                text=texts,
+                max_length=self.max_length,
+                text_normalization=self.text_normalization(),
+            )
+        )
+        if self.images_per_sample > 1:
+            batch["pixel_values"] = batch["pixel_values"].unflatten(0, (len(chosen), self.images_per_sample))
+        return batch, [samples[i] for i in chosen], [seeds[i][1] for i in chosen]
 
 
-class AlbefPretrainingCollator(_ImageTextCollator):
+class AlbefPretrainingCollator(AlbefImageTextCollator):
     """Pretraining batches: transformed images, tokenised captions and MLM masks.
 
     Args:
@@ -292,7 +364,7 @@ class AlbefPretrainingCollator(_ImageTextCollator):
         return batch
 
 
-class AlbefRetrievalCollator(_ImageTextCollator):
+class AlbefRetrievalCollator(AlbefImageTextCollator):
     """Retrieval fine-tuning batches: transformed images, tokenised captions and image ids.
 
     Args:
@@ -311,4 +383,127 @@ class AlbefRetrievalCollator(_ImageTextCollator):
     def __call__(self, samples: Iterable[Any]) -> dict[str, torch.Tensor]:
         batch, chosen, _ = self._collate(samples)
         batch["idx"] = torch.tensor([int(sample["image_id"]) for sample in chosen], dtype=torch.long)
+        return batch
+
+
+class AlbefClassificationCollator(AlbefImageTextCollator):
+    """SNLI-VE and NLVR2 batches: an image (or an image pair), a sentence about it, and a class label.
+
+    Samples: `{"image", "text", "label"}`, or `{"images": [first, second], "text", "label"}` with
+    `images_per_sample=2` (NLVR2: each image gets its own augmentation draw).
+
+    Args:
+        processor, transform, max_length, seed: as in `AlbefImageTextCollator`.
+        images_per_sample: 1 (SNLI-VE) or 2 (NLVR2).
+        num_labels: labels must lie in `[0, num_labels)` (default: not checked); a sample with another label is
+            replaced like any bad sample.
+
+    Returns (from `__call__`):
+        `pixel_values` `(B, 3, H, W)` or `(B, 2, 3, H, W)`, `input_ids`, `attention_mask`, and `labels` `(B,)`.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        transform: Callable[..., PIL.Image.Image] | None = None,
+        max_length: int | None = None,
+        seed: int | None = None,
+        images_per_sample: int = 1,
+        num_labels: int | None = None,
+    ) -> None:
+        super().__init__(processor, transform, max_length, seed)
+        if images_per_sample < 1:
+            raise ValueError(f"images_per_sample must be at least 1, got {images_per_sample}")
+        self.images_per_sample = images_per_sample
+        self.num_labels = num_labels
+
+    def _check_extra(self, sample: dict[str, Any]) -> str | None:
+        label = sample.get("label")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            return f"no integer label ({label!r})"
+        if label < 0 or (self.num_labels is not None and label >= self.num_labels):
+            return f"label {label} outside [0, {self.num_labels})"
+        return None
+
+    def __call__(self, samples: Iterable[Any]) -> dict[str, torch.Tensor]:
+        batch, chosen, _ = self._collate(samples)
+        batch["labels"] = torch.tensor([int(sample["label"]) for sample in chosen], dtype=torch.long)
+        return batch
+
+
+def vqa_answer_weights(
+    answers: Sequence[str], weights: Sequence[float] | None = None
+) -> tuple[list[str], list[float]]:
+    """The distinct answers of a question and their weights, in order of first appearance.
+
+    Without `weights`, each answer weighs its share of the annotations (`count / len(answers)`), as the original
+    weighs the 10 VQA v2 answers; with them, the weights of repeated answers add up.
+    """
+    if weights is not None and len(weights) != len(answers):
+        raise ValueError(f"got {len(weights)} weights for {len(answers)} answers")
+    share = [1.0 / len(answers)] * len(answers) if weights is None else [float(w) for w in weights]
+    merged: dict[str, float] = {}
+    for answer, weight in zip(answers, share, strict=True):
+        merged[answer] = merged.get(answer, 0.0) + weight
+    return list(merged), list(merged.values())
+
+
+class AlbefVqaCollator(AlbefImageTextCollator):
+    """VQA training batches: images, questions and each question's weighted answers.
+
+    Samples: `{"image", "text": question, "answers": [str, ...], "weights": [float, ...] (optional)}`.
+    Questions are cleaned with `pre_question` (unless the processor's normalisation is off); answers are not
+    cleaned (the original keeps them as they are) and are encoded by `AlbefProcessor.tokenize_answers` as
+    "[CLS] answer [SEP]", the form `AlbefForQuestionAnswering` scores and `rank_answers` / `generate` use. Each
+    distinct answer of a question appears once, weighted by `vqa_answer_weights`.
+
+    Args:
+        processor, transform, max_length, seed: as in `AlbefImageTextCollator` (`max_length` bounds the questions;
+            the original truncates them at 25 tokens in training).
+        answer_max_length: longest answer in tokens with [CLS] and [SEP] (default: the processor's `max_length`).
+
+    Returns (from `__call__`):
+        `pixel_values (Q, 3, H, W)`, `input_ids` / `attention_mask` `(Q, L)` questions; `answer_input_ids` /
+        `answer_attention_mask` `(A, L_a)` all answers, question by question; `labels` (the answer ids, -100 at
+        padding), `answer_weights (A,)` and `answers_per_question (Q,)`.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        transform: Callable[..., PIL.Image.Image] | None = None,
+        max_length: int | None = None,
+        seed: int | None = None,
+        answer_max_length: int | None = None,
+    ) -> None:
+        super().__init__(processor, transform, max_length, seed)
+        self.answer_max_length = answer_max_length
+
+    def text_normalization(self) -> str | None:
+        return None if self.processor.text_normalization is None else "question"
+
+    def _check_extra(self, sample: dict[str, Any]) -> str | None:
+        answers, weights = sample.get("answers"), sample.get("weights")
+        if isinstance(answers, str) or not isinstance(answers, Sequence) or not answers:
+            return f"no list of answers ({answers!r})"
+        if not all(isinstance(answer, str) and answer.strip() for answer in answers):
+            return f"an empty or non-text answer in {list(answers)!r}"
+        if weights is not None and len(weights) != len(answers):
+            return f"{len(weights)} weights for {len(answers)} answers"
+        return None
+
+    def __call__(self, samples: Iterable[Any]) -> dict[str, torch.Tensor]:
+        batch, chosen, _ = self._collate(samples)
+        answers, weights, counts = [], [], []
+        for sample in chosen:
+            distinct, share = vqa_answer_weights(sample["answers"], sample.get("weights"))
+            answers += distinct
+            weights += share
+            counts.append(len(distinct))
+        encoded = self.processor.tokenize_answers(answers, max_length=self.answer_max_length)
+        batch["answer_input_ids"] = encoded["input_ids"]
+        batch["answer_attention_mask"] = encoded["attention_mask"]
+        batch["labels"] = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        batch["answer_weights"] = torch.tensor(weights, dtype=torch.float32)
+        batch["answers_per_question"] = torch.tensor(counts, dtype=torch.long)
         return batch

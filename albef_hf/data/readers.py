@@ -69,6 +69,7 @@ __all__ = [
     "WebDatasetShards",
     "build_image_text_dataset",
     "expand_shard_pattern",
+    "load_named_dataset",
     "read_albef_json",
     "read_hf_dataset",
     "read_webdataset",
@@ -785,17 +786,22 @@ def build_image_text_dataset(
         return read_webdataset(names, **reader_kwargs)
     if len(names) != 1:
         raise ValueError(f"expected json files, tar shards or one Hugging Face dataset, got {names}")
+    dataset = load_named_dataset(names[0], split=split, streaming=streaming, load_kwargs=load_kwargs)
+    return read_hf_dataset(dataset, **reader_kwargs)
+
+
+def load_named_dataset(
+    name: str, split: str = "train", streaming: bool = False, load_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """One split of a Hugging Face dataset: a folder written by ``save_to_disk`` (`datasets.load_from_disk`),
+    else ``datasets.load_dataset(name, split=split, streaming=streaming, **load_kwargs)``."""
     import datasets
 
-    name = names[0]
     if os.path.isfile(os.path.join(name, "state.json")) or os.path.isfile(
         os.path.join(name, "dataset_dict.json")
     ):
         dataset = datasets.load_from_disk(name)
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
-        if streaming:
-            dataset = dataset.to_iterable_dataset()
-    else:
-        dataset = datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
-    return read_hf_dataset(dataset, **reader_kwargs)
+        return dataset.to_iterable_dataset() if streaming else dataset
+    return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
