@@ -176,3 +176,8 @@ if __name__ == "__main__":
     {"distributed": run_distributed, "resume": run_resume, "downstream_eval": run_downstream_eval}[command](
         *rest
     )
+    if torch.distributed.is_initialized():
+        # tear gloo down while both ranks are alive: a rank that exits with the group still up can abort
+        # ("terminate called without an active exception") when its peer closes the connection first
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
