@@ -10,9 +10,8 @@ ARGS ?=
 # itself only asks for a lower bound, so users elsewhere keep their own torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,demo]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,3 +22,7 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The main job: pretrain on the synthetic world, evaluate, save, report (ARGS="--scale 2 --seed 1 ...").
+demo: setup
+	$(BIN)/python -m albef_hf.demo $(ARGS)

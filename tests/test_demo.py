@@ -1,0 +1,98 @@
+"""The demo end to end, in a short version: it trains, evaluates, saves a loadable model and writes the report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from albef_hf import AlbefForPreTraining, AlbefModel, AlbefProcessor, pre_caption
+from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
+from albef_hf.demo.__main__ import main, parse_args
+from albef_hf.demo.data import SPECIAL_TOKENS, SyntheticPairs, synthetic_tokenizer, synthetic_vocabulary
+
+
+def test_vocabulary_covers_the_world_and_is_deterministic():
+    world = SyntheticWorldConfig()
+    vocabulary = synthetic_vocabulary(world, seed=0)
+    assert vocabulary[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
+    assert vocabulary == synthetic_vocabulary(world, seed=0)
+    tokenizer = synthetic_tokenizer(world, seed=0)
+    unknown = tokenizer.unk_token_id
+    # cleaned as the processor cleans them, texts of other seeds and of the test split never fall back to [UNK]
+    for index in range(200):
+        for caption in caption_sample(world, 7, "test", index).captions:
+            assert unknown not in tokenizer(pre_caption(caption))["input_ids"], caption
+
+
+def test_pairs_index_images_and_captions():
+    world = SyntheticWorldConfig(image_size=32, captions_per_image=5)
+    pairs = SyntheticPairs(world, num_images=3, seed=0)
+    assert len(pairs) == 15
+    sample = pairs[7]
+    assert sample["image_id"] == 1 and sample["image"].size == (32, 32)
+    assert sample["text"] == caption_sample(world, 0, "train", 1).captions[2]
+    with pytest.raises(IndexError):
+        pairs[15]
+
+
+def test_command_line_sets_any_field():
+    config = parse_args(["--seed", "3", "--scale", "2", "--set", "eval_images=50", "batch_size=16"])
+    assert (config.seed, config.steps, config.eval_images, config.batch_size) == (
+        3,
+        2 * config.max_steps,
+        50,
+        16,
+    )
+    assert parse_args(["--set", "distill=false"]).distill is False
+    assert parse_args(["--set", "distill=true", "queue_size=64"]).queue_size == 64
+    for bad in (["--set", "no_such_field=1"], ["--set", "distill=maybe"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_short_demo_end_to_end(tmp_path):
+    output = tmp_path / "demo"
+    main(
+        [
+            "--output-dir",
+            str(output),
+            "--max-steps",
+            "150",
+            "--set",
+            "batch_size=32",
+            "eval_images=100",
+            "train_images=2000",
+            "report_examples=3",
+        ]
+    )
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 150
+    for name in (
+        "report.html",
+        "losses.png",
+        "retrieval_image_to_text.png",
+        "retrieval_text_to_image.png",
+        "gradcam.png",
+    ):
+        assert os.path.getsize(output / name) > 0, name
+    assert "Zero-shot retrieval" in (output / "report.html").read_text()
+    card = (output / "model" / "README.md").read_text()
+    assert "txt_r1" in card
+
+    # the saved model loads and ranks a test image's own captions above chance
+    metrics = summary["metrics"]
+    chance_r5 = 5.0  # 100 images with 5 captions each: a random ranking puts a right answer in the top 5 ~5% of the time
+    assert metrics["txt_r5"] > 2 * chance_r5 and metrics["img_r5"] > 2 * chance_r5, metrics
+    model = AlbefModel.from_pretrained(output / "model").eval()
+    assert isinstance(AlbefForPreTraining.from_pretrained(output / "model"), AlbefForPreTraining)
+    processor = AlbefProcessor.from_pretrained(output / "model")
+    world = SyntheticWorldConfig(image_size=model.config.image_size)
+    samples = [caption_sample(world, 0, "test", index) for index in range(20)]
+    batch = processor(images=[render_scene(s.scene) for s in samples], text=[s.captions[0] for s in samples])
+    with torch.no_grad():
+        logits = model(**batch).logits_per_image
+    correct = (logits.argmax(dim=1) == torch.arange(20)).float().mean().item()
+    assert correct > 2 / 20, f"only {correct:.0%} of 20 test images pick their own caption (chance 5%)"
