@@ -9,6 +9,10 @@ Batches are pre-built tensors, so data loading is not measured.
 
     python benchmarks/bench_training.py                 # fp32 and bf16, 2 threads, CPU
     python benchmarks/bench_training.py --device cuda   # on a GPU
+    python benchmarks/bench_training.py --attn sdpa     # with the library default attention
+
+Attention defaults to eager on a CPU (for these short sequences torch's CPU SDPA kernels are slower than the
+plain matmul-softmax-matmul, see benchmarks/bench_attention.py) and to SDPA on a GPU.
 
 Each precision runs in its own process, so that its peak memory is its own (CPU: peak resident set size of
 the process, and its growth over the process before the Trainer is built; GPU: peak allocated memory).
@@ -106,12 +110,12 @@ class StepTimer(TrainerCallback):
         self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
-def measure(precision: str, steps: int, warmup: int, threads: int, device: str) -> dict:
+def measure(precision: str, steps: int, warmup: int, threads: int, device: str, attn: str) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     config = small_config()
-    model = AlbefForPreTraining(config)
+    model = AlbefForPreTraining._from_config(config, attn_implementation=attn)
     with tempfile.TemporaryDirectory() as output_dir:
         args = AlbefTrainingArguments(
             output_dir,
@@ -139,6 +143,7 @@ def measure(precision: str, steps: int, warmup: int, threads: int, device: str) 
     result = {
         "precision": precision,
         "device": device,
+        "attention": attn,
         "threads": threads,
         "steps_measured": len(measured),
         "median_s_per_step": round(step, 4),
@@ -163,10 +168,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run before measuring")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--attn", choices=["eager", "sdpa"], help="attention (default: eager on CPU, sdpa on GPU)"
+    )
     parser.add_argument("--inline", action="store_true", help="measure in this process (one precision)")
     args = parser.parse_args()
+    args.attn = args.attn or ("eager" if args.device == "cpu" else "sdpa")
     if args.inline:
-        result = measure(args.precision[0], args.steps, args.warmup, args.threads, args.device)
+        result = measure(args.precision[0], args.steps, args.warmup, args.threads, args.device, args.attn)
         print(json.dumps(result))
         return
     params = sum(p.numel() for p in AlbefForPreTraining(small_config()).parameters())
@@ -175,7 +184,7 @@ def main() -> None:
     for precision in args.precision:
         command = [sys.executable, os.path.abspath(__file__), "--inline", "--precision", precision]
         command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        command += ["--device", args.device]
+        command += ["--device", args.device, "--attn", args.attn]
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
         print(output.strip().splitlines()[-1])
 
