@@ -67,6 +67,9 @@ class DemoConfig:
     # evaluation: ITC ranking re-ranked with ITM over each query's top k
     retrieval_k: int = 16
     eval_batch_size: int = 128
+    # grounding in the report: Grad-CAM of ITC on this ViT block (in this small world the early, still local
+    # blocks localise; the paper's ITM Grad-CAM on the fusion layers is measured too, and does not)
+    gradcam_itc_block: int = 1
 
     @property
     def steps(self) -> int:

@@ -213,11 +213,12 @@ query's top {summary["retrieval_k"]} with ITM.</p>
 <h2>Text to image: the top images of test captions (green: the caption's image)</h2>
 <img src="retrieval_text_to_image.png">
 <h2>Where the model looks</h2>
-<p>Grad-CAM of the ITM "match" score on the cross-attention of the last fusion layer, for referring expressions
-of test scenes (top: the target's box; bottom: the map and the candidate box it selects, green when it is the
-target). {hits} of {len(grounding)} shown are right; over 100 test expressions
-{summary["grounding_accuracy"]:.0f}% are (a random candidate: {summary["grounding_chance"]:.0f}%). The model
-was never trained on boxes nor fine-tuned for grounding (examples/run_grounding.py does that).</p>
+<p>Grad-CAM of the image-text similarity (ITC) on the attention of ViT block {summary["gradcam_itc_block"]}, for
+referring expressions of test scenes (top: the target's box; bottom: the map and the candidate box it selects,
+green when it is the target). {hits} of {len(grounding)} shown are right. Over 100 test expressions this map
+selects the target {summary["grounding_accuracy_itc"]:.0f}% of the time; the paper's Grad-CAM of the ITM score
+on the last fusion layer's cross-attention {summary["grounding_accuracy_itm"]:.0f}%; a random candidate
+{summary["grounding_chance"]:.0f}%. The model was never trained on boxes nor fine-tuned for grounding.</p>
 <img src="gradcam.png">
 <h2>Pipelines on test images</h2>
 {_table(pipelines, ("pipeline", "input", "output"))}

@@ -193,11 +193,11 @@ def run_demo(demo: DemoConfig) -> DemoResult:
         "bf16": use_bf16(demo),
         "eval_images": demo.eval_images,
         "retrieval_k": demo.retrieval_k,
+        "gradcam_itc_block": demo.gradcam_itc_block,
         "metrics": metrics,
     }
-    grounding, summary["grounding_accuracy"], summary["grounding_chance"] = _grounding_examples(
-        demo, world, model_dir
-    )
+    grounding, accuracy, summary["grounding_chance"] = _grounding_examples(demo, world, model_dir)
+    summary["grounding_accuracy_itc"], summary["grounding_accuracy_itm"] = accuracy["itc"], accuracy["itm"]
     _write_card(demo, model_dir, summary)
     if demo.push_to_hub:
         push_to_hub(
@@ -236,32 +236,38 @@ def _xywh(box) -> list[float]:
 
 
 def _grounding_examples(demo: DemoConfig, world: SyntheticWorldConfig, model_dir: str, count: int = 100):
-    """Grad-CAM box selection on test referring expressions: the first few for the report, the accuracy
-    (IoU >= 0.5 with the target) over `count` of them, and the accuracy of a random pick among the candidates."""
+    """Grad-CAM box selection on `count` test referring expressions, both ways: the ITC variant on ViT block
+    `demo.gradcam_itc_block` (its maps go to the report) and the paper's ITM variant on the last fusion layer.
+
+    Returns the report's examples, the accuracies (IoU >= 0.5 with the target) `{"itc": ..., "itm": ...}`
+    and the accuracy of a random pick among the candidates."""
     grounder = pipeline("visual-grounding", model=model_dir)
-    examples, hits, chance = [], 0, 0.0
+    variants = {"itc": {"mode": "itc", "layer": demo.gradcam_itc_block}, "itm": {"mode": "itm"}}
+    examples, hits, chance = [], dict.fromkeys(variants, 0), 0.0
     for index in range(count):
         sample = grounding_sample(world, demo.seed, "test", index)
         image = render_scene(sample.scene)
         candidates = [obj.box for obj in sample.scene.objects]
-        chance += 1 / len(candidates)
-        result = grounder(image, sample.text, boxes=[_xywh(box) for box in candidates])
-        chosen = candidates[result["box_index"]]
         target = candidates[sample.target]
-        hit = box_iou(_xywh(chosen), _xywh(target)) >= 0.5
-        hits += hit
-        if len(examples) < demo.report_examples:
-            examples.append(
-                {
-                    "image": image,
-                    "overlay": result["overlay"],
-                    "text": sample.text,
-                    "target": target,
-                    "chosen": chosen,
-                    "hit": hit,
-                }
-            )
-    return examples, 100.0 * hits / count, 100.0 * chance / count
+        chance += 1 / len(candidates)
+        for name, options in variants.items():
+            result = grounder(image, sample.text, boxes=[_xywh(box) for box in candidates], **options)
+            chosen = candidates[result["box_index"]]
+            hit = box_iou(_xywh(chosen), _xywh(target)) >= 0.5
+            hits[name] += hit
+            if name == "itc" and len(examples) < demo.report_examples:
+                examples.append(
+                    {
+                        "image": image,
+                        "overlay": result["overlay"],
+                        "text": sample.text,
+                        "target": target,
+                        "chosen": chosen,
+                        "hit": hit,
+                    }
+                )
+    accuracy = {name: 100.0 * value / count for name, value in hits.items()}
+    return examples, accuracy, 100.0 * chance / count
 
 
 def _pipeline_examples(model_dir: str, eval_set) -> list[tuple[str, str, str]]:
