@@ -29,7 +29,13 @@ from .losses import (
     mlm_loss,
     sample_hard_negatives,
 )
-from .modeling_albef_text import AlbefMLMHead, AlbefTextEncoderOutput, AlbefTextModel, attention_forward
+from .modeling_albef_text import (
+    AlbefDropout,
+    AlbefMLMHead,
+    AlbefTextEncoderOutput,
+    AlbefTextModel,
+    attention_forward,
+)
 
 __all__ = [
     "AlbefForImageTextRetrieval",
@@ -140,7 +146,7 @@ class AlbefVisionBlock(GradientCheckpointingLayer):
         self.attn = AlbefVisionAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = AlbefVisionMlp(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = AlbefDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attended, probs = self.attn(self.norm1(hidden_states), output_attentions)
@@ -173,7 +179,7 @@ class AlbefVisionModel(nn.Module):
         self.patch_embed = AlbefPatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
-        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.pos_drop = AlbefDropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList([AlbefVisionBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 

@@ -28,9 +28,11 @@ from transformers.utils import ModelOutput
 from .configuration_albef import AlbefTextConfig
 
 __all__ = [
+    "AlbefDropout",
     "AlbefMLMHead",
     "AlbefTextEncoderOutput",
     "AlbefTextModel",
+    "apply_dropout",
     "attention_forward",
     "padding_mask",
 ]
@@ -63,6 +65,31 @@ def padding_mask(attention_mask: torch.Tensor | None, causal: bool = False, quer
     return mask
 
 
+def apply_dropout(hidden: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`F.dropout` (inverted: kept values scaled by `1 / (1 - p)`), about 3x faster on a CPU.
+
+    On a CPU, drawing one random number per element dominates dropout (`bernoulli_` took ~15% of a bf16
+    pretraining step). Here each 64-bit draw gives the keep/drop decisions of four elements (16 random bits
+    each, so `p` is honoured to 1/65536). Seeded by torch's default generator, so runs stay reproducible and
+    resumable. Other devices use `F.dropout` (its fused kernels are faster there).
+    """
+    if not training or p == 0.0:
+        return hidden
+    if hidden.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(hidden, p, training)
+    count = hidden.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    keep = words.view(torch.int16)[:count].view(hidden.shape) >= round(p * 65536) - 32768
+    return hidden * keep.to(hidden.dtype).mul_(1.0 / (1.0 - p))
+
+
+class AlbefDropout(nn.Dropout):
+    """`nn.Dropout` through `apply_dropout` (faster on a CPU)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return apply_dropout(hidden, self.p, self.training)
+
+
 def _eager_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -77,7 +104,7 @@ def _eager_attention(
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)
-    output = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
+    output = torch.matmul(apply_dropout(probs, dropout, module.training), value)
     return output.transpose(1, 2), probs
 
 
@@ -118,7 +145,7 @@ class AlbefTextEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = AlbefDropout(config.hidden_dropout_prob)
 
     def forward(
         self,
@@ -218,7 +245,7 @@ class AlbefTextResidualOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(input_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = AlbefDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
