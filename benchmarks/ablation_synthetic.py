@@ -41,8 +41,11 @@ ROWS: dict[str, tuple[str, dict]] = {
     "itc_itm_mlm": ("ITC + MLM + ITM (random negatives)", dict(hard_negatives=False, distill=False)),
     "hard_negatives": ("ITC + MLM + ITM_hard", dict(distill=False)),
     "distill": ("ITC + MLM + ITM_hard + MoD", dict(distill=True)),
-    "noisy": ("30% noisy captions, no MoD", dict(noisy_caption_fraction=0.3, distill=False)),
-    "noisy_distill": ("30% noisy captions, MoD", dict(noisy_caption_fraction=0.3, distill=True)),
+    "noisy": ("30% noisy captions, ITC + MLM + ITM_hard", dict(noisy_caption_fraction=0.3, distill=False)),
+    "noisy_distill": (
+        "30% noisy captions, ITC + MLM + ITM_hard + MoD",
+        dict(noisy_caption_fraction=0.3, distill=True),
+    ),
 }
 __doc__ += "\n".join(f"- `{key}`: {label}" for key, (label, _) in ROWS.items())
 
