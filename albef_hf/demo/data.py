@@ -9,11 +9,11 @@ from torch.utils.data import Dataset
 from transformers import BertTokenizer
 
 from ..data.synthetic import (
+    SyntheticDataset,
     SyntheticWorldConfig,
     caption_sample,
     grounding_sample,
     nlvr_sample,
-    render_scene,
     ve_sample,
     vqa_answer_list,
     vqa_sample,
@@ -66,7 +66,8 @@ def synthetic_tokenizer(config: SyntheticWorldConfig, seed: int = 0) -> BertToke
 
 
 class SyntheticPairs(Dataset):
-    """Image-caption pairs of the world's training split, rendered on access.
+    """Image-caption pairs of the world's training split: a caption-per-item view of
+    `SyntheticDataset("caption", "train", ...)`, rendered on access.
 
     Item `k` is caption `k % C` of training image `k // C` (`C` captions per image), as a reader sample
     `{"image": PIL, "text": str, "image_id": int}`; a fraction `config.noisy_caption_fraction` of the captions
@@ -74,16 +75,15 @@ class SyntheticPairs(Dataset):
     """
 
     def __init__(self, config: SyntheticWorldConfig, num_images: int, seed: int = 0) -> None:
-        self.config = config
-        self.num_images = num_images
-        self.seed = seed
+        self.images = SyntheticDataset("caption", "train", num_images, seed, config)
+        self.captions_per_image = config.captions_per_image
 
     def __len__(self) -> int:
-        return self.num_images * self.config.captions_per_image
+        return len(self.images) * self.captions_per_image
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        image_id, caption = divmod(index, self.config.captions_per_image)
-        sample = caption_sample(self.config, self.seed, "train", image_id)
-        return {"image": render_scene(sample.scene), "text": sample.captions[caption], "image_id": image_id}
+        image_index, caption = divmod(index, self.captions_per_image)
+        row = self.images[image_index]
+        return {"image": row["image"], "text": row["captions"][caption], "image_id": row["image_id"]}

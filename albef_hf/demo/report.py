@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,9 @@ def plot_text_retrieval(
 ) -> None:
     """Image queries (left) and their top captions, green when the caption is one of the image's own."""
     plt = _pyplot()
-    figure, axes = plt.subplots(len(queries), 2, figsize=(12, 1.6 * len(queries)), width_ratios=(1, 6))
+    figure, axes = plt.subplots(
+        len(queries), 2, figsize=(12, 1.6 * len(queries)), width_ratios=(1, 6), squeeze=False
+    )
     for row, query in enumerate(queries):
         axes[row, 0].imshow(images[query])
         axes[row, 0].axis("off")
@@ -84,7 +87,7 @@ def plot_image_retrieval(
 ) -> None:
     """Caption queries and their top images, framed green when the image is the caption's own."""
     plt = _pyplot()
-    figure, axes = plt.subplots(len(queries), top, figsize=(1.8 * top, 2.2 * len(queries)))
+    figure, axes = plt.subplots(len(queries), top, figsize=(1.8 * top, 2.2 * len(queries)), squeeze=False)
     for row, query in enumerate(queries):
         ranked = scores_t2i[query].argsort(descending=True)[:top].tolist()
         for column, image_index in enumerate(ranked):
@@ -96,7 +99,7 @@ def plot_image_retrieval(
             for spine in axis.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
-        axes[row, 0].set_title(_wrap(texts[query], 70), fontsize=8, loc="left")
+        axes[row, 0].set_title(textwrap.fill(texts[query], 70), fontsize=8, loc="left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -107,7 +110,7 @@ def plot_grounding(examples: Sequence[dict[str, Any]], path: str) -> None:
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
-    figure, axes = plt.subplots(2, len(examples), figsize=(2.6 * len(examples), 5.6))
+    figure, axes = plt.subplots(2, len(examples), figsize=(2.6 * len(examples), 5.6), squeeze=False)
     for column, example in enumerate(examples):
         for row, (picture, box, colour) in enumerate(
             (
@@ -120,21 +123,10 @@ def plot_grounding(examples: Sequence[dict[str, Any]], path: str) -> None:
             x0, y0, x1, y1 = box
             axis.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=colour, lw=2))
             axis.axis("off")
-        axes[0, column].set_title(_wrap(example["text"], 28), fontsize=8)
+        axes[0, column].set_title(textwrap.fill(example["text"], 28), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join([*lines, line])
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -166,7 +158,7 @@ def write_report(
     """
     os.makedirs(output_dir, exist_ok=True)
     plot_losses(log_history, os.path.join(output_dir, "losses.png"))
-    image_queries = list(range(examples))
+    image_queries = list(range(min(examples, len(retrieval["images"]))))
     text_queries = [retrieval["img2txt"][i][0] for i in image_queries]
     plot_text_retrieval(
         retrieval["images"],

@@ -102,7 +102,8 @@ class _TimeBudget(TrainerCallback):
 
 
 class DemoResult(dict):
-    """Where things are, and what was measured: `model_dir`, `report`, `metrics`, `log_history`, ..."""
+    """Where things are and what was measured: `model_dir`, `report` (paths), `summary` (settings and
+    metrics, as in summary.json) and `log_history` (the Trainer's logs)."""
 
 
 def demo_processor(demo: DemoConfig, world: SyntheticWorldConfig) -> AlbefProcessor:
@@ -153,6 +154,11 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
     )
     trainer.train()
     trainer.stopped_by_time_budget = budget.stopped_at is not None
+    if trainer.stopped_by_time_budget:
+        logger.warning(
+            f"time budget spent: training stopped after {budget.stopped_at} of {demo.steps} steps "
+            "(--time-budget-minutes 0 lifts the limit)"
+        )
     return trainer
 
 
@@ -280,7 +286,8 @@ def _pipeline_examples(model_dir: str, eval_set) -> list[tuple[str, str, str]]:
         logging.set_verbosity(verbosity)
     match = pipeline("image-text-matching", model=model_dir)
     rows = []
-    for image_index in range(3):
+    count = len(eval_set.images)
+    for image_index in range(min(3, count)):
         image = eval_set.images[image_index]
         labels = ["circle", "square", "triangle", "diamond", "cross", "star"]
         best = classify(image, candidate_labels=labels, hypothesis_template="a picture of a {}")[:2]
@@ -292,7 +299,7 @@ def _pipeline_examples(model_dir: str, eval_set) -> list[tuple[str, str, str]]:
             )
         )
         own = eval_set.texts[eval_set.img2txt[image_index][0]]
-        other = eval_set.texts[eval_set.img2txt[image_index + 3][0]]
+        other = eval_set.texts[eval_set.img2txt[(image_index + 3) % count][0]]
         for text in (own, other):
             result = match(image, text)
             rows.append(
