@@ -761,10 +761,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
                 rows stay -100.
         """
         num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
-        if text_attention_mask is None:
-            text_attention_mask = torch.ones(
-                text_embeds.shape[:2], dtype=torch.long, device=text_embeds.device
-            )
+        text_attention_mask = _ones_if_none(text_attention_mask, text_embeds)
         sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
         scores_i2t = sims.new_full((num_images, num_texts), -100.0)
         scores_t2i = sims.new_full((num_texts, num_images), -100.0)
