@@ -30,7 +30,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from albef_hf.data.synthetic import build_retrieval_eval, caption_sample, render_scene
+from albef_hf.data.synthetic import build_retrieval_eval, caption_sample
 from albef_hf.data.synthetic.language import noisy_caption
 from albef_hf.demo import DemoConfig
 from albef_hf.demo.run import demo_processor, pretrain, use_bf16, world_config
@@ -50,38 +50,34 @@ ROWS: dict[str, tuple[str, dict]] = {
 __doc__ += "\n".join(f"- `{key}`: {label}" for key, (label, _) in ROWS.items())
 
 
-def swapped_pairs(demo: DemoConfig, count: int) -> tuple[list, list[str], list[str]]:
-    """Test images with one clean caption each, and the same scene captioned with one attribute swapped."""
-    world = replace(world_config(demo), unrelated_noise_fraction=0.0, noisy_caption_fraction=0.0)
-    images, true, swapped = [], [], []
+def swapped_captions(demo: DemoConfig, world, count: int) -> list[str]:
+    """For each of the first `count` test scenes, a caption of the same scene with one attribute of one object
+    swapped (the images and true captions are the retrieval set's: `build_retrieval_eval` of the same world)."""
     rng = np.random.default_rng(demo.seed + 1)
-    for index in range(count):
-        sample = caption_sample(world, demo.seed, "test", index, noisy=False)
-        images.append(render_scene(sample.scene))
-        true.append(sample.captions[0])
-        swapped.append(noisy_caption(sample.scene, rng, world, demo.seed)[0])
-    return images, true, swapped
+    scenes = (caption_sample(world, demo.seed, "test", index, noisy=False).scene for index in range(count))
+    return [noisy_caption(scene, rng, world, demo.seed)[0] for scene in scenes]
 
 
 @torch.no_grad()
 def evaluate(model, processor, demo: DemoConfig, eval_images: int, itc: bool) -> dict[str, float]:
     model.eval()
-    world = replace(world_config(demo), noisy_caption_fraction=0.0)
+    world = replace(world_config(demo), noisy_caption_fraction=0.0, unrelated_noise_fraction=0.0)
     eval_set = build_retrieval_eval(eval_images, seed=demo.seed, config=world)
+    first_caption = [texts[0] for texts in eval_set.img2txt]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(demo)):
         image_embeds = model.encode_image(processor(images=eval_set.images)["pixel_values"]).last_hidden_state
         texts = processor.tokenize(eval_set.texts, padding="max_length")
         text_embeds = model.encode_text(texts["input_ids"], texts["attention_mask"]).last_hidden_state
         ranking = model.rank(image_embeds, text_embeds, texts["attention_mask"], k=len(eval_set.texts))
-        images, true, swapped = swapped_pairs(demo, eval_images)
-        pixels = processor(images=images)["pixel_values"]
-        image_embeds = model.encode_image(pixels).last_hidden_state
-        match = []
-        for captions in (true, swapped):
-            tokens = processor.tokenize(captions, padding="max_length")
-            embeds = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
-            logits = model.itm_logits(embeds, tokens["attention_mask"], image_embeds).float()
-            match.append(logits.softmax(dim=-1)[:, 1])
+        swapped = processor.tokenize(swapped_captions(demo, world, eval_images), padding="max_length")
+        swapped_embeds = model.encode_text(swapped["input_ids"], swapped["attention_mask"]).last_hidden_state
+        match = [
+            model.itm_logits(embeds, mask, image_embeds).float().softmax(dim=-1)[:, 1]
+            for embeds, mask in (
+                (text_embeds[first_caption], texts["attention_mask"][first_caption]),
+                (swapped_embeds, swapped["attention_mask"]),
+            )
+        ]
     truth = (eval_set.txt2img, eval_set.img2txt)
     by_itm = itm_eval(ranking.scores_i2t.float().numpy(), ranking.scores_t2i.float().numpy(), *truth)
     result = {"tr1_itm": by_itm["txt_r1"], "ir1_itm": by_itm["img_r1"]}
