@@ -216,7 +216,7 @@ class FeatureQueues:
 
     Args:
         queue_size: rows per queue (65,536 in ALBEF). The global batch (per-device batch x processes) must
-            divide it; `check_batch_size` says so before training starts.
+            divide it; `check_queue_size` says so before training starts.
         embed_dim: feature size.
         device: where the queues live (the model's device).
         generator: optional `torch.Generator` for the initial random features.
@@ -248,10 +248,6 @@ class FeatureQueues:
         if device is not None:
             self.image, self.text, self.idx = (t.to(device) for t in (self.image, self.text, self.idx))
         return self
-
-    def check_batch_size(self, global_batch_size: int) -> None:
-        """Raise a `ValueError` unless `global_batch_size` divides the queue size (see `check_queue_size`)."""
-        check_queue_size(self.queue_size, global_batch_size)
 
     @torch.no_grad()
     def enqueue(

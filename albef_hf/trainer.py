@@ -48,7 +48,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput, has_length
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput, has_length, speed_metrics
 
 from .data.collators import (
     AlbefClassificationCollator,
@@ -350,7 +350,6 @@ _OBJECTIVES = {
     AlbefForVisualEntailment: "SNLI-VE classification (cross-entropy)",
 }
 _CLASSIFIERS = (AlbefForVisualReasoning, AlbefForVisualEntailment)
-_CARD_METRICS = ("txt_r", "img_r", "r_mean", "accuracy", "vqa_score", "box_accuracy")
 
 
 def _contrastive(model: nn.Module) -> bool:
@@ -465,7 +464,7 @@ class AlbefTrainer(Trainer):
         self._steps_per_epoch: int | None = None
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_count = 0
-        self._eval_sets: dict[int, Any] = {}
+        self._eval_sets: dict[int, tuple[Any, Any]] = {}
         self._last_eval_metrics: dict[str, float] = {}
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -862,7 +861,7 @@ class AlbefTrainer(Trainer):
             else:
                 results = self._retrieval_metrics(dataset)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in results.items()}
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        metrics.update(speed_metrics(metric_key_prefix, start))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
@@ -889,7 +888,7 @@ class AlbefTrainer(Trainer):
         with self.accelerator.autocast():
             predictions, results = self._task_predictions(test_dataset)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in results.items()}
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        metrics.update(speed_metrics(metric_key_prefix, start))
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
         return PredictionOutput(predictions=predictions, label_ids=None, metrics=metrics)
 
@@ -917,9 +916,11 @@ class AlbefTrainer(Trainer):
         return predictions, vqa_metrics(predictions, dataset.samples)
 
     def _retrieval_metrics(self, dataset: Any) -> dict[str, float]:
-        eval_set = self._eval_sets.get(id(dataset))
-        if eval_set is None:
-            eval_set = self._eval_sets[id(dataset)] = retrieval_eval_set_from_samples(dataset)
+        # keyed by id() but holding the dataset too, so a new dataset that reuses a freed id is not mistaken
+        cached = self._eval_sets.get(id(dataset))
+        if cached is None or cached[0] is not dataset:
+            cached = self._eval_sets[id(dataset)] = (dataset, retrieval_eval_set_from_samples(dataset))
+        eval_set = cached[1]
         scores_i2t, scores_t2i = compute_retrieval_scores(
             self.student,
             self.processing_class,
