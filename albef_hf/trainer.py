@@ -892,6 +892,15 @@ class AlbefTrainer(Trainer):
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
         return PredictionOutput(predictions=predictions, label_ids=None, metrics=metrics)
 
+    def evaluate_and_predict(self, dataset: Any) -> PredictionOutput:
+        """`predict` on a labelled set whose metrics also count as its evaluation: one pass instead of
+        `evaluate` + `predict`. The metrics carry the "eval" prefix, are logged and reach the model card."""
+        output = self.predict(dataset, metric_key_prefix="eval")
+        self.log(output.metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        self._last_eval_metrics = output.metrics
+        return output
+
     def _task_predictions(self, dataset: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """VQA or grounding predictions for `dataset` and their metrics."""
         args, student = self.args, self.student

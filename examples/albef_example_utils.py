@@ -496,7 +496,9 @@ def check_vocabulary(model: Any, processor: AlbefProcessor) -> None:
 def train_evaluate_save(
     trainer: AlbefTrainer, training_args: AlbefTrainingArguments, predict_set: Any = None
 ) -> dict[str, float]:
-    """Train, save the model and card, evaluate, predict (`predictions.json`), push; returns the eval metrics."""
+    """Train, save the model and card, evaluate, predict (`predictions.json`), push; returns the eval metrics.
+
+    When the predictions are of the evaluation set itself, one pass gives both (`evaluate_and_predict`)."""
     metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -504,22 +506,29 @@ def train_evaluate_save(
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+    predict = training_args.do_predict and predict_set is not None
+    output = None
     if training_args.do_eval:
-        metrics = trainer.evaluate()
+        if predict and predict_set is trainer.eval_dataset:
+            output = trainer.evaluate_and_predict(predict_set)
+            metrics = output.metrics
+        else:
+            metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         if training_args.do_train:
             trainer.save_model()  # the card now carries the results
-    if training_args.do_predict and predict_set is not None:
-        output = trainer.predict(predict_set)
+    if predict:
+        if output is None:
+            output = trainer.predict(predict_set)
+            trainer.log_metrics("test", output.metrics)
+            trainer.save_metrics("test", output.metrics)
         predictions = output.predictions
         if isinstance(predictions, np.ndarray):  # classifier logits
             predictions = predictions.argmax(-1).tolist()
         if trainer.is_world_process_zero():
             with open(os.path.join(training_args.output_dir, "predictions.json"), "w") as file:
                 json.dump(predictions, file, indent=1)
-        trainer.log_metrics("test", output.metrics)
-        trainer.save_metrics("test", output.metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics

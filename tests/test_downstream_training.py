@@ -248,6 +248,12 @@ def test_classification_evaluation_sees_every_sample_without_augmentation(tmp_pa
     assert metrics["eval_loss"] == pytest.approx(float(sum(batch_losses)) / 5, rel=1e-4)
     output = trainer.predict(eval_samples)
     assert output.predictions.shape == (5, len(model.label_names))
+    # one pass for both: the same predictions, the evaluation's metrics, and they reach the card
+    both = trainer.evaluate_and_predict(eval_samples)
+    np.testing.assert_allclose(both.predictions, output.predictions, rtol=1e-5, atol=1e-6)
+    assert both.metrics["eval_accuracy"] == metrics["eval_accuracy"]
+    assert both.metrics["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert f"| accuracy | {metrics['eval_accuracy']:.2f} |" in trainer._model_card().content
 
 
 def test_vqa_evaluation_ranks_the_answer_list_and_predicts_top_answers(tmp_path):
@@ -275,6 +281,11 @@ def test_vqa_evaluation_ranks_the_answer_list_and_predicts_top_answers(tmp_path)
     metrics = trainer.evaluate()
     assert metrics["eval_vqa_score"] == pytest.approx(100 * np.mean(expected))
     assert metrics["eval_vqa_score_colour"] == pytest.approx(100 * expected[0])
+    both = trainer.evaluate_and_predict(eval_set)
+    assert both.predictions == predictions
+    assert {k: v for k, v in both.metrics.items() if not k.endswith("_runtime")} == pytest.approx(
+        {k: v for k, v in metrics.items() if not k.endswith("_runtime")}
+    )
     trainer.args.vqa_generate = True
     generated = trainer.predict(eval_set).predictions
     assert all(isinstance(p["answer"], str) and "top_answers" not in p for p in generated)
