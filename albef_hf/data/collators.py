@@ -206,13 +206,14 @@ class AlbefImageTextCollator:
     # -- validation ----------------------------------------------------------------------------------
 
     def _prepare(self, sample: Any, transform_seed: int) -> tuple[list[PIL.Image.Image], str] | str:
-        """(transformed images, text) or the reason why the sample is bad."""
+        """(transformed images, normalised text) or the reason why the sample is bad."""
         if not isinstance(sample, dict):
             return f"not a dict sample ({type(sample).__name__})"
         text = sample.get("text")
         if not isinstance(text, str):
             return f"no caption (text={text!r})"
-        if not self.processor.normalize([text], self.text_normalization())[0].strip():
+        cleaned = self.processor.normalize([text], self.text_normalization())[0]
+        if not cleaned.strip():
             return f"empty caption after normalisation ({text!r})"
         reason = self._check_extra(sample)
         if reason:
@@ -225,7 +226,7 @@ class AlbefImageTextCollator:
             return [
                 self._transform(to_pil_rgb(image), [transform_seed, k] if k else transform_seed)
                 for k, image in enumerate(images)
-            ], text
+            ], cleaned
         except (OSError, ValueError, SyntaxError, EOFError, TypeError) as error:
             return f"unusable image ({error})"
 
@@ -287,7 +288,7 @@ class AlbefImageTextCollator:
                 images=images,
                 text=texts,
                 max_length=self.max_length,
-                text_normalization=self.text_normalization(),
+                text_normalization=None,  # `_prepare` normalised the texts
             )
         )
         if self.images_per_sample > 1:
