@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -33,6 +34,7 @@ from albef_hf.data.collators import (
     vqa_answer_weights,
 )
 from albef_hf.data.downstream import (
+    TaskDataset,
     collect_answers,
     read_grounding_json,
     read_nlvr_json,
@@ -455,3 +457,19 @@ def test_task_tables_read_the_synthetic_world_and_renamed_columns():
     assert (vqa["text"], vqa["answers"]) == ("what?", ["red"]) and "weights" not in vqa
     with pytest.raises(ValueError, match="columns .*'label'"):
         read_task_table([{"image": None, "hypothesis": "h"}], "ve")
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_head_keeps_the_first_samples_of_lists_and_tables(table):
+    images = random_images(3, seed=8)
+    records = [{"image": image, "text": f"caption {i}"} for i, image in enumerate(images)]
+    if table:
+        records = datasets.Dataset.from_list(records)
+    dataset = TaskDataset(records, lambda record, index: {**record, "index": index}, None, "head test")
+    head = dataset.head(2)
+    assert len(head) == 2 and len(dataset.head(10)) == 3
+    assert [head[i]["text"] for i in range(2)] == ["caption 0", "caption 1"]
+    assert [head[i]["index"] for i in range(2)] == [0, 1]
+    assert np.array_equal(np.asarray(head[1]["image"]), np.asarray(images[1]))
+    with pytest.raises(IndexError):
+        head[2]

@@ -43,6 +43,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from torch.utils.data import Subset
+
 from .readers import SkipStats, _check_dir, _load_image, _MapStyleReader, _prepare_image_column
 
 __all__ = [
@@ -125,9 +127,7 @@ class TaskDataset(_MapStyleReader):
 
     def head(self, count: int) -> TaskDataset:
         """The first `count` samples (all when there are fewer)."""
-        records = self.records
-        count = min(count, len(records))
-        records = records.select(range(count)) if hasattr(records, "select") else _Prefix(records, count)
+        records = Subset(self.records, range(min(count, len(self.records))))
         return TaskDataset(records, self.convert, self.image_root, self.skip_stats.name)
 
     def fields(self, index: int) -> dict[str, Any]:
@@ -142,21 +142,6 @@ class TaskDataset(_MapStyleReader):
         else:
             sample["image"] = _load_image(sample.get("image"), root)
         return sample
-
-
-class _Prefix(Sequence):
-    """The first `count` records of a table, read on access."""
-
-    def __init__(self, records: Sequence[Any], count: int) -> None:
-        self.records, self.count = records, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return self.records[index]
 
 
 def _load_entries(
