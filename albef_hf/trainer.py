@@ -48,7 +48,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput, has_length, speed_metrics
+from transformers.trainer_utils import PredictionOutput, has_length, speed_metrics
 
 from .data.collators import (
     AlbefClassificationCollator,
@@ -506,8 +506,9 @@ class AlbefTrainer(Trainer):
                 "dataloader_drop_last=False: a smaller last batch writes a partial block of the queues"
             )
 
-    def setup_momentum(self) -> None:
-        """Build the teacher and the queues (once), loading `momentum_state_path` when given.
+    def setup_momentum(self, resuming: bool = False) -> None:
+        """Build the teacher and the queues (once), loading `momentum_state_path` when given and not `resuming`
+        (a resumed run takes them from its checkpoint).
 
         Models with ITC always get a teacher (it also provides the contrastive candidates) and, with
         `queue_size > 0`, the queues; the task heads get a teacher when `distill` is on and they can be distilled
@@ -525,7 +526,7 @@ class AlbefTrainer(Trainer):
             logger.info("distill=False: %s trains without a momentum teacher", type(student).__name__)
         if args.queue_size and self.contrastive:
             self.queues = FeatureQueues(args.queue_size, student.config.embed_dim, device=student.device)
-        if args.momentum_state_path and self.teacher is not None:
+        if args.momentum_state_path and self.teacher is not None and not resuming:
             load_momentum_state(args.momentum_state_path, self.teacher, self.queues, student)
             logger.info("started the momentum teacher and queues from %s", args.momentum_state_path)
         if not self.contrastive:
@@ -540,7 +541,7 @@ class AlbefTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """`Trainer.train`, after building the momentum teacher and queues."""
-        self.setup_momentum()
+        self.setup_momentum(resuming=resume_from_checkpoint not in (None, False))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
@@ -729,28 +730,24 @@ class AlbefTrainer(Trainer):
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        if self.args.should_save and not self.args.save_only_model and self.teacher is not None:
-            output_dir = os.path.join(
-                self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(output_dir, exist_ok=True)
+    # The teacher and the queues travel with the optimizer state: transformers saves and restores that for every
+    # backend (DDP, FSDP, DeepSpeed), once per full checkpoint, after the model weights are in place.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.args.should_save and self.teacher is not None:
             # written before the rest, so that a checkpoint pushed to the Hub or rotated includes it
             save_momentum_state(os.path.join(output_dir, MOMENTUM_STATE_NAME), self.teacher, self.queues)
-        super()._save_checkpoint(model, trial)
+        super()._save_optimizer_and_scheduler(output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.teacher is None:
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.teacher is None:
             return
-        path = os.path.join(resume_from_checkpoint, MOMENTUM_STATE_NAME)
+        path = os.path.join(checkpoint, MOMENTUM_STATE_NAME)
         if os.path.isfile(path):
             load_momentum_state(path, self.teacher, self.queues, self.student)
         else:
             logger.warning(
-                "%s has no %s: the teacher restarts as a copy of the student",
-                resume_from_checkpoint,
-                MOMENTUM_STATE_NAME,
+                "%s has no %s: the teacher restarts as a copy of the student", checkpoint, MOMENTUM_STATE_NAME
             )
             self.teacher.copy_from(self.student)
 
