@@ -38,14 +38,21 @@ that is not one of the task's, is a `ValueError` / `FileNotFoundError` when the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import Subset
 
-from .readers import SkipStats, _check_dir, _load_image, _MapStyleReader, _prepare_image_column
+from .readers import (
+    SkipStats,
+    _annotation_paths,
+    _check_dir,
+    _json_entries,
+    _load_image,
+    _MapStyleReader,
+    _prepare_image_column,
+)
 
 __all__ = [
     "TASK_COLUMNS",
@@ -147,31 +154,17 @@ class TaskDataset(_MapStyleReader):
 def _load_entries(
     paths: str | os.PathLike | Sequence[str | os.PathLike], required: Sequence[str]
 ) -> list[dict]:
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise ValueError("no annotation file given")
-    missing = [str(path) for path in paths if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(f"annotation file(s) not found: {missing}")
     entries = []
-    for path in paths:
-        with open(path) as file:
-            loaded = json.load(file)
-        if not isinstance(loaded, list):
-            raise ValueError(f"{path}: expected a list of entries, got {type(loaded).__name__}")
-        for position, entry in enumerate(loaded):
-            lacking = [key for key in required if not isinstance(entry, dict) or key not in entry]
-            if lacking:
-                raise ValueError(
-                    f"{path}[{position}]: an entry needs the keys {list(required)}; lacks {lacking}"
-                )
-        entries += loaded
+    for where, entry in _json_entries(_annotation_paths(paths)):
+        lacking = [key for key in required if not isinstance(entry, dict) or key not in entry]
+        if lacking:
+            raise ValueError(f"{where}: an entry needs the keys {list(required)}; lacks {lacking}")
+        entries.append(entry)
     return entries
 
 
 def _source_name(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    return f"{kind} json {', '.join(os.path.basename(str(path)) for path in paths)}"
+    return f"{kind} json {', '.join(os.path.basename(path) for path in _annotation_paths(paths))}"
 
 
 def _extras(record: Mapping[str, Any], used: Sequence[str]) -> dict[str, Any]:

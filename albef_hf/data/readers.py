@@ -245,31 +245,43 @@ class _MapStyleReader(Dataset):
         raise RuntimeError(f"no sample of {type(self).__name__} has a readable image; {self.skip_stats}")
 
 
+def _annotation_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """One path or several, as a list of strings; raises when there is none or a file is missing."""
+    paths = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(path) for path in paths]
+    if not paths:
+        raise ValueError("no annotation file given")
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"annotation file(s) not found: {missing}")
+    return paths
+
+
+def _json_entries(paths: Sequence[str]) -> list[tuple[str, Any]]:
+    """`(where, entry)` for every entry of json files that each hold a list (`where` is `file[position]`)."""
+    entries = []
+    for path in paths:
+        with open(path) as file:
+            loaded = json.load(file)
+        if not isinstance(loaded, list):
+            raise ValueError(f"{path}: expected a list of annotation entries, got {type(loaded).__name__}")
+        entries += [(f"{path}[{position}]", entry) for position, entry in enumerate(loaded)]
+    return entries
+
+
 class AlbefJsonDataset(_MapStyleReader):
     """Map-style reader of the original ALBEF annotation files; see `read_albef_json`."""
 
     def __init__(self, paths: str | Sequence[str], image_root: str | None = None, text_key: str = "caption"):
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        if not paths:
-            raise ValueError("no annotation file given")
-        missing = [str(path) for path in paths if not os.path.isfile(path)]
-        if missing:
-            raise FileNotFoundError(f"annotation file(s) not found: {missing}")
+        paths = _annotation_paths(paths)
+        entries = _json_entries(paths)
         _check_dir(image_root, "image root")
         self.image_root = image_root
-        self.skip_stats = SkipStats(f"ALBEF json {os.path.basename(str(paths[0]))}")
+        self.skip_stats = SkipStats(f"ALBEF json {os.path.basename(paths[0])}")
         # (image path, caption, image id, extras), one per caption
         self._samples: list[tuple[str, str, int, dict[str, Any]]] = []
         ids: dict[Any, int] = {}
-        for path in paths:
-            with open(path) as file:
-                entries = json.load(file)
-            if not isinstance(entries, list):
-                raise ValueError(
-                    f"{path}: expected a list of annotation entries, got {type(entries).__name__}"
-                )
-            for position, entry in enumerate(entries):
-                self._add_entry(entry, text_key, ids, f"{path}[{position}]")
+        for where, entry in entries:
+            self._add_entry(entry, text_key, ids, where)
 
     def _add_entry(self, entry: Any, text_key: str, ids: dict[Any, int], where: str) -> None:
         if not isinstance(entry, dict) or "image" not in entry or text_key not in entry:
