@@ -399,8 +399,11 @@ def predict_vqa(
                 ]
             for sample, candidates in zip(batch, predicted, strict=True):
                 result = {"index": index, "answer": candidates[0][0]}
-                if "question_id" in sample:
-                    result["question_id"] = sample["question_id"]
+                for key in ("question_id", "question_type"):
+                    if sample.get(key) is not None:
+                        result[key] = sample[key]
+                if sample.get("answers"):
+                    result["score"] = vqa_score(result["answer"], sample["answers"])
                 if not generate:
                     result["top_answers"] = [{"answer": a, "probability": p} for a, p in candidates]
                 results.append(result)
@@ -410,19 +413,16 @@ def predict_vqa(
     return _gather_lists(results) if gathered else results
 
 
-def vqa_metrics(predictions: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """`vqa_score` (percent, over the questions that have answers) and `vqa_score_<type>` per `question_type`."""
-    samples = _SampleFields(samples)
+def vqa_metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`vqa_score` (percent, over the questions that have answers: predictions with a `score`) and
+    `vqa_score_<type>` per `question_type`."""
     scores: dict[str, list[float]] = {}
     for prediction in predictions:
-        sample = samples[prediction["index"]]
-        answers = sample.get("answers")
-        if not answers:
+        if "score" not in prediction:
             continue
-        score = vqa_score(prediction["answer"], answers)
-        scores.setdefault("", []).append(score)
-        if sample.get("question_type") is not None:
-            scores.setdefault(str(sample["question_type"]), []).append(score)
+        scores.setdefault("", []).append(prediction["score"])
+        if prediction.get("question_type") is not None:
+            scores.setdefault(str(prediction["question_type"]), []).append(prediction["score"])
     return {
         ("vqa_score" if kind == "" else f"vqa_score_{kind}"): 100.0 * float(np.mean(values))
         for kind, values in sorted(scores.items())
@@ -431,19 +431,7 @@ def vqa_metrics(predictions: Sequence[dict[str, Any]], samples: Sequence[dict[st
 
 def evaluate_vqa(model: Any, processor: Any, eval_set: VqaEvalSet, **kwargs: Any) -> dict[str, float]:
     """`predict_vqa` then `vqa_metrics`; `kwargs` go to `predict_vqa`."""
-    predictions = predict_vqa(model, processor, eval_set, **kwargs)
-    return vqa_metrics(predictions, eval_set.samples)
-
-
-class _SampleFields:
-    """Samples without their images, where the dataset can give them so (`TaskDataset.fields`)."""
-
-    def __init__(self, samples: Sequence[dict[str, Any]]) -> None:
-        self.samples = samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        read = getattr(self.samples, "fields", None)
-        return read(index) if read is not None else self.samples[index]
+    return vqa_metrics(predict_vqa(model, processor, eval_set, **kwargs))
 
 
 @dataclass
@@ -502,24 +490,28 @@ def predict_grounding(
                 candidate = select_box(heatmap, sample["candidate_boxes"])
                 box = [float(v) for v in sample["candidate_boxes"][candidate]]
                 iou = box_iou(box, sample["box"])
-                results.append(
-                    {"index": index, "box": box, "candidate": candidate, "iou": iou, "correct": iou >= 0.5}
-                )
+                result = {
+                    "index": index,
+                    "box": box,
+                    "candidate": candidate,
+                    "iou": iou,
+                    "correct": iou >= 0.5,
+                }
+                if sample.get("split") is not None:
+                    result["split"] = sample["split"]
+                results.append(result)
                 index += 1
     finally:
         model.train(was_training)
     return _gather_lists(results) if gathered else results
 
 
-def grounding_metrics(
-    predictions: Sequence[dict[str, Any]], samples: Sequence[dict[str, Any]]
-) -> dict[str, float]:
+def grounding_metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
     """`box_accuracy` (percent of IoU >= 0.5) and `box_accuracy_<split>` per sample `split`."""
-    samples = _SampleFields(samples)
     hits: dict[str, list[bool]] = {}
     for prediction in predictions:
         hits.setdefault("", []).append(prediction["correct"])
-        split = samples[prediction["index"]].get("split")
+        split = prediction.get("split")
         if split is not None:
             hits.setdefault(str(split), []).append(prediction["correct"])
     return {
@@ -533,4 +525,4 @@ def evaluate_grounding(
 ) -> dict[str, float]:
     """`predict_grounding` then `grounding_metrics`; `kwargs` go to `predict_grounding`."""
     predictions = predict_grounding(model, processor, eval_set, **kwargs)
-    return grounding_metrics(predictions, eval_set.samples)
+    return grounding_metrics(predictions)

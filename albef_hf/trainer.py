@@ -906,7 +906,7 @@ class AlbefTrainer(Trainer):
             predictions = predict_grounding(
                 student, self.processing_class, dataset, args.gradcam_mode, args.gradcam_layer, **common
             )
-            return predictions, grounding_metrics(predictions, dataset.samples)
+            return predictions, grounding_metrics(predictions)
         if not isinstance(dataset, VqaEvalSet):
             dataset = VqaEvalSet(dataset)
         predictions = predict_vqa(
@@ -919,7 +919,7 @@ class AlbefTrainer(Trainer):
             generate_kwargs={"num_beams": args.vqa_num_beams, "max_new_tokens": args.vqa_max_new_tokens},
             **common,
         )
-        return predictions, vqa_metrics(predictions, dataset.samples)
+        return predictions, vqa_metrics(predictions)
 
     def _retrieval_metrics(self, dataset: Any) -> dict[str, float]:
         # keyed by id() but holding the dataset too, so a new dataset that reuses a freed id is not mistaken
