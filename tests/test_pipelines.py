@@ -215,6 +215,20 @@ def test_every_image_form_gives_the_same_result(matcher, image_files, image_serv
         assert matcher(image, CAPTIONS[1])["itm_probability"] == pytest.approx(expected, abs=1e-6), name
 
 
+def test_a_jpeg_file_gives_the_pixels_of_the_pil_image_opened_from_it_whatever_its_exif(tmp_path):
+    from albef_hf.image_processing_albef import to_pil_rgb
+    from albef_hf.pipelines_albef import load_image
+
+    path = tmp_path / "rotated.jpg"
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    random_images(1)[0].resize((40, 24)).save(path, exif=exif)
+    expected = np.array(to_pil_rgb(PIL.Image.open(path)))
+    assert expected.shape == (24, 40, 3)  # the processor and the readers apply no EXIF transpose
+    for image in (str(path), path, path.as_uri(), PIL.Image.open(path)):
+        assert np.array_equal(np.array(load_image(image)), expected), image
+
+
 BAD_PAIRS = [
     ((random_images(1)[0], ""), "text 0: got an empty text"),
     ((random_images(1)[0], "   "), "text 0: got an empty text"),
