@@ -723,15 +723,15 @@ class AlbefVisualQuestionAnsweringPipeline(AlbefPipeline):
     ) -> dict[str, Any]:
         question = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
         if answer_tokens is not None:
-            num_answers, top_k = answer_tokens["input_ids"].shape[0], top_k or 5
+            top_k = top_k or 5
+            # rank_answers keeps at most as many candidates as there are answers, and slicing stops there too
             ranking = self.model.rank_answers(
                 answer_input_ids=answer_tokens["input_ids"].to(self.device),
                 answer_attention_mask=answer_tokens["attention_mask"].to(self.device),
-                k=max(k, min(top_k, num_answers)),
+                k=max(k, top_k),
                 **question,
             )
-            count = min(top_k, num_answers)
-            return {"answer_ids": ranking.answer_ids[:, :count], "probs": ranking.probs[:, :count]}
+            return {"answer_ids": ranking.answer_ids[:, :top_k], "probs": ranking.probs[:, :top_k]}
         generate_kwargs = {"max_new_tokens": 10, **(generate_kwargs or {})}
         if top_k is not None and top_k > 1:
             generate_kwargs.setdefault("num_beams", top_k)

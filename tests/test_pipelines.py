@@ -456,6 +456,9 @@ def test_vqa_ranks_an_answer_list_as_the_model(vqa):
     single = vqa({"image": images[0], "question": questions[0]}, candidate_answers=ANSWERS, top_k=3)
     assert [r["answer"] for r in single] == [r["answer"] for r in results[0]]
     assert [r["score"] for r in single] == pytest.approx([r["score"] for r in results[0]], abs=1e-5)
+    # a top_k (and k) beyond the list gives every answer, ranked as the model ranks them
+    every = vqa(images[0], questions[0], candidate_answers=ANSWERS, top_k=50, k=2)
+    assert [r["answer"] for r in every] == [ANSWERS[i] for i in ranking.answer_ids[0, : len(ANSWERS)]]
 
 
 def test_vqa_generates_free_answers(vqa):
