@@ -23,17 +23,20 @@ def save_for_hub(
     model: Any = None,
     processor: Any = None,
     model_card: AlbefCardInfo | Any = None,
-    model_name: str | None = None,
+    repo_id: str | None = None,
+    tags: list[str] | None = None,
     max_shard_size: int | str = "50GB",
-) -> list[str]:
-    """Write what a Hub repository of this checkpoint holds into `folder`; returns the files, sorted.
+) -> None:
+    """Write what a Hub repository of this checkpoint holds into `folder`.
 
     Args:
         model: an ALBEF model (`save_pretrained` writes its weights, config and code).
         processor: its `AlbefProcessor`.
         model_card: an `AlbefCardInfo` or a ready `huggingface_hub.ModelCard`; by default a card is built from the
-            model (its task, class and name) when a model is given.
-        model_name: the card title when the card is built here (default: the folder name).
+            model (its task and class) when a model is given.
+        repo_id: the Hub repository, for the default card: its title (the last part; default: the folder name)
+            and its usage snippets.
+        tags: more Hub tags for the default card.
     """
     if model is None and processor is None:
         raise ValueError("nothing to save: give a model, a processor or both")
@@ -44,19 +47,16 @@ def save_for_hub(
         processor.save_pretrained(folder)
     if model_card is None and model is not None:
         model_card = AlbefCardInfo(
-            model_name=model_name or os.path.basename(os.path.abspath(folder)),
+            model_name=(repo_id or os.path.abspath(folder)).rstrip("/").split("/")[-1],
             task=task_for_model_class(type(model).__name__),
             model_class=type(model).__name__,
+            extra_tags=list(tags or []),
+            repo_id=repo_id,
         )
     if isinstance(model_card, AlbefCardInfo):
         model_card = build_model_card(model_card)
     if model_card is not None:
         save_model_card(model_card, folder)
-    return sorted(
-        os.path.relpath(os.path.join(root, name), folder)
-        for root, _, names in os.walk(folder)
-        for name in names
-    )
 
 
 def push_to_hub(
@@ -71,12 +71,14 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     max_shard_size: int | str = "50GB",
+    tags: list[str] | None = None,
     api: HfApi | None = None,
 ):
     """Upload `model`, `processor` and a model card to the Hub repository `repo_id` (created when missing) in one
-    commit; returns the `CommitInfo`. See `save_for_hub` for what is written."""
+    commit; returns the `CommitInfo`. See `save_for_hub` for what is written (`tags`: more Hub tags for the
+    default card)."""
     with tempfile.TemporaryDirectory() as folder:
-        save_for_hub(folder, model, processor, model_card, repo_id.split("/")[-1], max_shard_size)
+        save_for_hub(folder, model, processor, model_card, repo_id, tags, max_shard_size)
         return upload_folder(
             folder,
             repo_id,

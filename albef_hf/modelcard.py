@@ -6,6 +6,7 @@ they look alike and validate as Hub card metadata.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,14 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ["AlbefCardInfo", "build_model_card", "save_model_card", "task_for_model_class"]
+__all__ = [
+    "AlbefCardInfo",
+    "build_model_card",
+    "has_remote_code",
+    "save_model_card",
+    "served_pipelines",
+    "task_for_model_class",
+]
 
 CITATION = """@inproceedings{li2021align,
   title={Align before Fuse: Vision and Language Representation Learning with Momentum Distillation},
@@ -32,26 +40,56 @@ TASKS = {
     "grounding": ("zero-shot-image-classification", "weakly-supervised visual grounding"),
 }
 
-# The `pipeline()` tasks a checkpoint of each ALBEF task serves (albef_hf registers them; a saved folder declares
-# them for trust_remote_code).
-PIPELINES = {
-    "pretraining": (
-        "image-text-matching",
-        "image-text-retrieval",
-        "feature-extraction",
-        "visual-grounding",
-        "zero-shot-image-classification",
-    ),
-    "retrieval": ("image-text-matching", "image-text-retrieval", "feature-extraction", "visual-grounding"),
-    "vqa": ("visual-question-answering",),
-    "nlvr": (),
-    "ve": (),
-    "grounding": ("visual-grounding", "image-text-matching", "image-text-retrieval", "feature-extraction"),
-}
 
-# The classes registered for an Auto class (albef_hf/__init__.py): only their folders carry the code that lets
-# `trust_remote_code=True` load them (and serve their pipelines) where albef_hf is not installed.
-REMOTE_CODE_CLASSES = frozenset({"AlbefModel", "AlbefForPreTraining", "AlbefForQuestionAnswering"})
+def _model_class(name: str) -> type | None:
+    # The package, imported here (the modeling code imports this module) by name, not by an `import albef_hf`
+    # statement: a folder's copy of this module must load where albef_hf is not installed. Importing it
+    # registers the pipelines.
+    package = importlib.import_module(__package__)
+    cls = vars(package).get(name)  # not getattr: that would import the lazily loaded training modules
+    base = vars(package).get("AlbefPreTrainedModel")
+    return cls if isinstance(cls, type) and base is not None and issubclass(cls, base) else None
+
+
+def served_pipelines(model_class: str, task: str | None = None) -> tuple[str, ...]:
+    """The `pipeline()` tasks a checkpoint of the ALBEF class `model_class` serves.
+
+    They are the tasks albef_hf registers whose pipeline names the class in `checkpoint_classes` (in registration
+    order; a `"grounding"` card puts `visual-grounding` first), then `zero-shot-image-classification` for a class
+    with ITC projections (transformers' pipeline loads its folder as `AlbefModel`). None for an unknown class.
+    """
+    cls = _model_class(model_class)
+    if cls is None:
+        return ()
+    from .modeling_albef import AlbefContrastiveMixin, AlbefPreTrainedModel
+
+    tasks = [
+        name
+        for name, pipeline_class in AlbefPreTrainedModel.folder_pipelines.items()
+        if model_class in getattr(pipeline_class, "checkpoint_classes", ())
+    ]
+    if task == "grounding" and "visual-grounding" in tasks:
+        tasks.insert(0, tasks.pop(tasks.index("visual-grounding")))
+    if issubclass(cls, AlbefContrastiveMixin):
+        tasks.append("zero-shot-image-classification")
+    return tuple(tasks)
+
+
+def has_remote_code(model_class: str) -> bool:
+    """Whether a folder saved from the ALBEF class `model_class` carries its code (the class is registered for
+    an Auto class), so that `trust_remote_code=True` loads it (and serves its pipelines) without albef_hf."""
+    cls = _model_class(model_class)
+    return cls is not None and cls._auto_class is not None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REMOTE_CODE_CLASSES":  # the ALBEF model classes whose folders carry their code
+        package = importlib.import_module(__package__)
+        return frozenset(
+            cls_name for cls_name in getattr(package, "__all__", ()) if has_remote_code(cls_name)
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _MODEL_CLASS_TASKS = {
     "AlbefModel": "pretraining",
@@ -124,7 +162,8 @@ def build_model_card(info: AlbefCardInfo) -> ModelCard:
         )
         for name, value in info.metrics.items()
     ]
-    tags = ["albef", "vision-language", "albef-hf", info.task, *PIPELINES[info.task], *info.extra_tags]
+    served = served_pipelines(info.model_class, info.task)
+    tags = ["albef", "vision-language", "albef-hf", info.task, *served, *info.extra_tags]
     data = ModelCardData(
         model_name=info.model_name,
         library_name="transformers",
@@ -159,7 +198,8 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
         lines += [f"| {name} | {float(value):.2f} |" for name, value in info.metrics.items()]
         lines.append("")
     repo = info.repo_id or "path/or/repo"
-    remote = info.model_class in REMOTE_CODE_CLASSES
+    remote = has_remote_code(info.model_class)
+    pipelines = served_pipelines(info.model_class, info.task)
     lines += [
         "## Usage",
         "",
@@ -173,8 +213,8 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
         "```",
         "",
     ]
-    if PIPELINES[info.task]:
-        served = ", ".join(f"`{task}`" for task in PIPELINES[info.task])
+    if pipelines:
+        served = ", ".join(f"`{task}`" for task in pipelines)
         how = "after `import albef_hf`" + (
             ", or with `trust_remote_code=True` where it is not installed" if remote else ""
         )
@@ -186,7 +226,7 @@ def _body(info: AlbefCardInfo, task_description: str) -> str:
             *([] if remote else ["import albef_hf"]),
             "from transformers import pipeline",
             "",
-            f'pipe = pipeline("{PIPELINES[info.task][0]}", model="{repo}"{keyword})',
+            f'pipe = pipeline("{pipelines[0]}", model="{repo}"{keyword})',
             "```",
             "",
         ]

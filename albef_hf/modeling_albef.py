@@ -473,16 +473,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
             others: as in transformers' `push_to_hub`.
         """
         from .hub import push_to_hub
-        from .modelcard import AlbefCardInfo, task_for_model_class
 
-        if model_card is None:
-            model_card = AlbefCardInfo(
-                model_name=repo_id.split("/")[-1],
-                task=task_for_model_class(type(self).__name__),
-                model_class=type(self).__name__,
-                extra_tags=list(tags or []),
-                repo_id=repo_id,
-            )
         return push_to_hub(
             repo_id,
             model=self,
@@ -495,6 +486,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
             revision=revision,
             create_pr=create_pr,
             max_shard_size=max_shard_size,
+            tags=tags,
         )
 
     @classmethod

@@ -1,9 +1,9 @@
 """transformers pipelines for ALBEF: image-text matching, retrieval, feature extraction, visual question
 answering and visual grounding.
 
-Each pipeline reads images as PIL images, numpy arrays, torch tensors, paths, `file://` URLs, http(s) URLs or
-base64 strings (transformers' `load_image`), and texts as strings; it takes one item or a list, batches with
-`batch_size`, and runs on the `device` / `dtype` given to `pipeline()`. Inputs are checked before any model
+Each pipeline reads images as PIL images, numpy arrays, torch tensors, paths, `file://` URLs (these as the
+processor reads them), http(s) URLs or base64 strings (transformers' `load_image`), and texts as strings; it takes
+one item or a list, batches with `batch_size`, and runs on the `device` / `dtype` given to `pipeline()`. Inputs are checked before any model
 call: an empty text, an empty image, a text where an image is expected and the like raise a `ValueError` that
 names the item and the problem.
 
@@ -57,8 +57,10 @@ def _where(position: int | None, what: str = "image") -> str:
     return f"{what} {position}: " if position is not None else ""
 
 
-def check_image(image: Any, position: int | None = None) -> None:
+def check_image(image: Any, position: int | None = None) -> Any:
     """Cheap checks of one image before anything runs: its type, an empty string, a missing file, a zero size.
+
+    Returns the image with a path-like or a `file://` URL as a path string (anything else as it was given).
 
     Raises:
         ValueError: naming `position` and the problem.
@@ -73,43 +75,44 @@ def check_image(image: Any, position: int | None = None) -> None:
             raise ValueError(f"{where}got an empty string where an image (a path or a URL) is expected")
         if image.startswith("file://"):
             image = _file_url_path(image)
-        elif image.startswith(("http://", "https://", "data:image/")):
-            return
+        elif image.startswith(_URL_PREFIXES):
+            return image
         if not os.path.isfile(image):
             raise ValueError(
                 f"{where}{image[:80]!r} is neither an existing image file nor a URL "
                 "(a text where an image is expected?)"
             )
-        return
+        return image
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{where}got an empty image of size {image.width}x{image.height}")
-        return
+        return image
     if isinstance(image, (np.ndarray, torch.Tensor)):
         if image.ndim not in (2, 3) or 0 in image.shape:
             raise ValueError(f"{where}got an image array of shape {tuple(image.shape)}")
-        return
+        return image
     raise ValueError(
         f"{where}expected a PIL image, a numpy array, a torch tensor, a path or a URL, got {type(image).__name__}"
     )
 
 
+# Image strings read by transformers' `load_image`; paths are read by `to_pil_rgb`, as the processor reads them.
+_URL_PREFIXES = ("http://", "https://", "data:image/")
+
+
 def load_image(image: Any, position: int | None = None, timeout: float | None = None) -> PIL.Image.Image:
     """One image as an 8-bit RGB PIL image.
 
-    Strings go through transformers' `load_image` (paths, http(s) URLs, base64; `file://` URLs become paths);
-    PIL images, numpy arrays and torch tensors through `to_pil_rgb`, as the processor reads them.
+    http(s) URLs and base64 `data:image/` strings go through transformers' `load_image`; paths (and `file://`
+    URLs), PIL images, numpy arrays and torch tensors through `to_pil_rgb`, as the processor and the training
+    readers read them (so a file gives the same pixels as the PIL image opened from it: no EXIF transpose).
 
     Raises:
         ValueError: naming `position` and the problem, for anything that is not a readable, non-empty image.
     """
-    check_image(image, position)
-    if isinstance(image, os.PathLike):
-        image = os.fspath(image)
+    image = check_image(image, position)
     try:
-        if isinstance(image, str):
-            if image.startswith("file://"):
-                image = _file_url_path(image)
+        if isinstance(image, str) and image.startswith(_URL_PREFIXES):
             try:
                 image = transformers_load_image(image, timeout=timeout)
             except (OSError, PIL.UnidentifiedImageError) as error:
@@ -720,15 +723,15 @@ class AlbefVisualQuestionAnsweringPipeline(AlbefPipeline):
     ) -> dict[str, Any]:
         question = {key: inputs[key] for key in ("pixel_values", "input_ids", "attention_mask")}
         if answer_tokens is not None:
-            num_answers, top_k = answer_tokens["input_ids"].shape[0], top_k or 5
+            top_k = top_k or 5
+            # rank_answers keeps at most as many candidates as there are answers, and slicing stops there too
             ranking = self.model.rank_answers(
                 answer_input_ids=answer_tokens["input_ids"].to(self.device),
                 answer_attention_mask=answer_tokens["attention_mask"].to(self.device),
-                k=max(k, min(top_k, num_answers)),
+                k=max(k, top_k),
                 **question,
             )
-            count = min(top_k, num_answers)
-            return {"answer_ids": ranking.answer_ids[:, :count], "probs": ranking.probs[:, :count]}
+            return {"answer_ids": ranking.answer_ids[:, :top_k], "probs": ranking.probs[:, :top_k]}
         generate_kwargs = {"max_new_tokens": 10, **(generate_kwargs or {})}
         if top_k is not None and top_k > 1:
             generate_kwargs.setdefault("num_beams", top_k)

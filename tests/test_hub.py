@@ -417,3 +417,15 @@ def test_save_pretrained_with_push_to_hub_sends_the_complete_folder(recorded_upl
     assert upload["repo_id"] == "user/albef" and upload["message"] == "first"
     assert set(upload["files"]) == {"config.json", "model.safetensors"} | CODE_FILES
     assert set(upload["files"]) == {path.name for path in (tmp_path / "albef").iterdir()}
+
+
+def test_the_default_card_names_the_repository_whichever_push_to_hub_sends_it(recorded_uploads):
+    uploads, _ = recorded_uploads
+    model, processor = AlbefModel(tiny_config()), tiny_processor()
+    model.push_to_hub("org/from-model", processor=processor, tags=["extra-tag"])
+    processor.push_to_hub("org/from-processor", model=model)
+    cards = [ModelCard(upload["files"]["README.md"].decode()) for upload in uploads]
+    for card, repo in zip(cards, ("org/from-model", "org/from-processor"), strict=True):
+        assert f'AlbefModel.from_pretrained("{repo}")' in card.text and "path/or/repo" not in card.text
+        assert card.data.model_name == repo.split("/")[-1]
+    assert "extra-tag" in cards[0].data.tags and "extra-tag" not in cards[1].data.tags

@@ -11,6 +11,7 @@ from albef_hf.modelcard import (
     AlbefCardInfo,
     build_model_card,
     save_model_card,
+    served_pipelines,
     task_for_model_class,
 )
 
@@ -100,3 +101,26 @@ def test_the_card_task_follows_the_model_class():
     assert task_for_model_class("AlbefForImageTextRetrieval") == "retrieval"
     assert task_for_model_class("AlbefForQuestionAnswering") == "vqa"
     assert task_for_model_class("AlbefForVisualEntailment") == "ve"
+
+
+def test_the_card_offers_only_the_pipelines_its_checkpoint_serves():
+    import albef_hf
+
+    card = build_model_card(AlbefCardInfo(model_name="albef", task="pretraining", model_class="AlbefModel"))
+    for task in ("image-text-matching", "image-text-retrieval", "visual-grounding"):
+        assert task not in card.data.tags and f"`{task}`" not in card.text
+    assert {"feature-extraction", "zero-shot-image-classification"} <= set(card.data.tags)
+    assert 'pipeline("feature-extraction", model="path/or/repo", trust_remote_code=True)' in card.text
+    # each pipeline it offers names the class among those its loader accepts
+    for name in (
+        "AlbefModel",
+        "AlbefForPreTraining",
+        "AlbefForImageTextRetrieval",
+        "AlbefForQuestionAnswering",
+    ):
+        for task in served_pipelines(name):
+            if task != "zero-shot-image-classification":
+                assert name in albef_hf.AlbefPreTrainedModel.folder_pipelines[task].checkpoint_classes
+    assert served_pipelines("AlbefForVisualEntailment") == ()
+    assert served_pipelines("AlbefForPreTraining")[0] == "image-text-matching"
+    assert served_pipelines("AlbefForImageTextRetrieval", "grounding")[0] == "visual-grounding"

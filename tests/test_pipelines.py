@@ -215,6 +215,20 @@ def test_every_image_form_gives_the_same_result(matcher, image_files, image_serv
         assert matcher(image, CAPTIONS[1])["itm_probability"] == pytest.approx(expected, abs=1e-6), name
 
 
+def test_a_jpeg_file_gives_the_pixels_of_the_pil_image_opened_from_it_whatever_its_exif(tmp_path):
+    from albef_hf.image_processing_albef import to_pil_rgb
+    from albef_hf.pipelines_albef import load_image
+
+    path = tmp_path / "rotated.jpg"
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    random_images(1)[0].resize((40, 24)).save(path, exif=exif)
+    expected = np.array(to_pil_rgb(PIL.Image.open(path)))
+    assert expected.shape == (24, 40, 3)  # the processor and the readers apply no EXIF transpose
+    for image in (str(path), path, path.as_uri(), PIL.Image.open(path)):
+        assert np.array_equal(np.array(load_image(image)), expected), image
+
+
 BAD_PAIRS = [
     ((random_images(1)[0], ""), "text 0: got an empty text"),
     ((random_images(1)[0], "   "), "text 0: got an empty text"),
@@ -442,6 +456,9 @@ def test_vqa_ranks_an_answer_list_as_the_model(vqa):
     single = vqa({"image": images[0], "question": questions[0]}, candidate_answers=ANSWERS, top_k=3)
     assert [r["answer"] for r in single] == [r["answer"] for r in results[0]]
     assert [r["score"] for r in single] == pytest.approx([r["score"] for r in results[0]], abs=1e-5)
+    # a top_k (and k) beyond the list gives every answer, ranked as the model ranks them
+    every = vqa(images[0], questions[0], candidate_answers=ANSWERS, top_k=50, k=2)
+    assert [r["answer"] for r in every] == [ANSWERS[i] for i in ranking.answer_ids[0, : len(ANSWERS)]]
 
 
 def test_vqa_generates_free_answers(vqa):
