@@ -82,15 +82,6 @@ def has_remote_code(model_class: str) -> bool:
     return cls is not None and cls._auto_class is not None
 
 
-def __getattr__(name: str) -> Any:
-    if name == "REMOTE_CODE_CLASSES":  # the ALBEF model classes whose folders carry their code
-        package = importlib.import_module(__package__)
-        return frozenset(
-            cls_name for cls_name in getattr(package, "__all__", ()) if has_remote_code(cls_name)
-        )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 _MODEL_CLASS_TASKS = {
     "AlbefModel": "pretraining",
     "AlbefForPreTraining": "pretraining",

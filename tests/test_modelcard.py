@@ -7,9 +7,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from albef_hf.modelcard import (
-    REMOTE_CODE_CLASSES,
     AlbefCardInfo,
     build_model_card,
+    has_remote_code,
     save_model_card,
     served_pipelines,
     task_for_model_class,
@@ -76,7 +76,9 @@ def test_the_card_offers_remote_code_only_for_classes_whose_folders_carry_it():
         if name.startswith("AlbefFor") or name == "AlbefModel"
         if getattr(getattr(albef_hf, name), "_auto_class", None) is not None
     }
-    assert registered == REMOTE_CODE_CLASSES
+    assert {name for name in albef_hf.__all__ if has_remote_code(name)} == registered
+    # as docs/pipelines.md says: the retrieval, NLVR2 and SNLI-VE classes have no Auto class yet
+    assert registered == {"AlbefModel", "AlbefForPreTraining", "AlbefForQuestionAnswering"}
     text = build_model_card(
         AlbefCardInfo(model_name="albef", task="retrieval", model_class="AlbefForImageTextRetrieval")
     ).text
