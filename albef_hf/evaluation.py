@@ -369,7 +369,7 @@ def predict_vqa(
         answer_list = list(eval_set.answer_list)
         answers = {key: value.to(device) for key, value in processor.tokenize_answers(answer_list).items()}
         k = min(k, len(answer_list))
-    normalization = None if processor.text_normalization is None else "question"
+    normalization = processor.question_normalization
     rows, gathered = _process_share(len(eval_set.samples))
     was_training = model.training
     model.eval()

@@ -709,7 +709,7 @@ class AlbefVisualQuestionAnsweringPipeline(AlbefPipeline):
         return preprocess, forward, postprocess
 
     def preprocess(self, pair: dict[str, Any], timeout: float | None = None) -> dict[str, torch.Tensor]:
-        normalization = None if self.processor.text_normalization is None else "question"
+        normalization = self.processor.question_normalization
         question = self.processor(text=[pair["text"]], text_normalization=normalization, return_tensors="pt")
         return {**self.process_image(pair["image"], timeout), **question}
 

@@ -127,6 +127,12 @@ class AlbefProcessor(ProcessorMixin):
                 )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    @property
+    def question_normalization(self) -> str | None:
+        """The normalisation of questions (VQA): `"question"` (`pre_question`), or None when this processor
+        normalises nothing (converted checkpoints with `text_normalization=None` keep their texts as given)."""
+        return None if self.text_normalization is None else "question"
+
     def normalize(self, texts: list[str], text_normalization: str | None = "default") -> list[str]:
         """Apply the configured text normalisation to a list of texts."""
         mode = self.text_normalization if text_normalization == "default" else text_normalization

@@ -481,7 +481,7 @@ class AlbefVqaCollator(AlbefImageTextCollator):
         self.answer_max_length = answer_max_length
 
     def text_normalization(self) -> str | None:
-        return None if self.processor.text_normalization is None else "question"
+        return self.processor.question_normalization
 
     def _check_extra(self, sample: dict[str, Any]) -> str | None:
         answers, weights = sample.get("answers"), sample.get("weights")
