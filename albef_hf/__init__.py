@@ -144,22 +144,14 @@ def _register() -> None:
     _register_pipelines()
 
 
-# The tasks albef_hf serves with `pipeline()`, the ALBEF classes whose checkpoints serve each, and its pipeline.
+# The tasks albef_hf serves with `pipeline()` and their pipelines; each pipeline names the ALBEF classes whose
+# checkpoints serve its task (`checkpoint_classes`).
 PIPELINE_TASKS = {
-    "image-text-matching": (
-        AlbefImageTextMatchingPipeline,
-        (AlbefForPreTraining, AlbefForImageTextRetrieval),
-    ),
-    "image-text-retrieval": (
-        AlbefImageTextRetrievalPipeline,
-        (AlbefForPreTraining, AlbefForImageTextRetrieval),
-    ),
-    "visual-grounding": (AlbefVisualGroundingPipeline, (AlbefForPreTraining, AlbefForImageTextRetrieval)),
-    "visual-question-answering": (AlbefVisualQuestionAnsweringPipeline, (AlbefForQuestionAnswering,)),
-    "feature-extraction": (
-        AlbefFeatureExtractionPipeline,
-        (AlbefModel, AlbefForPreTraining, AlbefForImageTextRetrieval),
-    ),
+    "image-text-matching": AlbefImageTextMatchingPipeline,
+    "image-text-retrieval": AlbefImageTextRetrievalPipeline,
+    "visual-grounding": AlbefVisualGroundingPipeline,
+    "visual-question-answering": AlbefVisualQuestionAnsweringPipeline,
+    "feature-extraction": AlbefFeatureExtractionPipeline,
 }
 
 
@@ -167,11 +159,12 @@ def _register_pipelines() -> None:
     # transformers 5 removed its visual-question-answering pipeline and refuses the name before looking at the
     # registry; the ALBEF pipeline serves ALBEF VQA checkpoints under it (others are refused by its loader).
     REMOVED_TASKS.pop("visual-question-answering", None)
-    for task, (pipeline_class, model_classes) in PIPELINE_TASKS.items():
+    for task, pipeline_class in PIPELINE_TASKS.items():
         if task == "feature-extraction":
             # The built-in task keeps its entry (default model, AutoModel) and serves every other model as before.
             PIPELINE_REGISTRY.supported_tasks[task]["impl"] = FeatureExtractionDispatch
         else:
+            model_classes = [globals()[name] for name in pipeline_class.checkpoint_classes]
             PIPELINE_REGISTRY.register_pipeline(
                 task, pipeline_class, pt_model=checkpoint_loader(task, model_classes), type="multimodal"
             )
