@@ -203,13 +203,12 @@ class AlbefProcessor(ProcessorMixin):
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers or not all(isinstance(answer, str) and answer.strip() for answer in answers):
             raise ValueError(f"answers must be non-empty strings, got {answers!r}")
-        tokenizer = self.tokenizer
-        body = tokenizer(
-            answers, add_special_tokens=False, truncation=True, max_length=(max_length or self.max_length) - 2
-        )
-        ids = [[tokenizer.cls_token_id, *row, tokenizer.sep_token_id] for row in body["input_ids"]]
-        encoded = tokenizer.pad(
-            {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}, padding=padding
+        encoded = self.tokenizer(
+            answers,
+            padding=padding,
+            truncation=True,
+            max_length=max_length or self.max_length,
+            return_token_type_ids=False,
         )
         return BatchFeature(
             data={"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]},

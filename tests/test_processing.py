@@ -145,3 +145,19 @@ def test_processor_round_trip(tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_answers_are_cls_answer_sep_and_pad_to_the_given_length():
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    encoded = processor.tokenize_answers(
+        ["red", "two blue circles left of"], max_length=5, padding="max_length"
+    )
+    body = tokenizer("two blue circles left of", add_special_tokens=False)["input_ids"]
+    red = tokenizer.convert_tokens_to_ids("red")
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    assert encoded["input_ids"].tolist() == [[cls, red, sep, pad, pad], [cls, *body[:3], sep]]
+    assert encoded["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert set(encoded) == {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="non-empty strings"):
+        processor.tokenize_answers(["red", " "])
