@@ -728,6 +728,44 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         return output, (fused[3 * batch_size :] if extra_positive_texts is not None else None)
 
     @torch.no_grad()
+    def itm_rerank(
+        self,
+        query_sims: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_attention_mask: torch.Tensor,
+        k: int,
+        batch_size: int,
+        image_queries: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query's `k` best candidates by ITC, and the ITM logits of those pairs.
+
+        Args:
+            query_sims: `(num_queries, num_candidates)` ITC similarities.
+            image_embeds, text_embeds, text_attention_mask: the image and text tokens, queries on one side
+                (images when `image_queries`, else texts) and candidates on the other, indexed as `query_sims`.
+            k, batch_size: candidates per query, and pairs per ITM forward.
+
+        Returns:
+            `(similarities, candidates, itm_logits)`: `(num_queries, k)`, `(num_queries, k)`, `(num_queries, k, 2)`.
+        """
+        similarities, candidates = query_sims.topk(min(k, query_sims.shape[1]), dim=1)
+        queries = torch.arange(query_sims.shape[0], device=candidates.device).repeat_interleave(
+            candidates.shape[1]
+        )
+        items = candidates.reshape(-1)
+        logits = []
+        for start in range(0, queries.numel(), batch_size):
+            q, c = queries[start : start + batch_size], items[start : start + batch_size]
+            image_index, text_index = (q, c) if image_queries else (c, q)
+            logits.append(
+                self.itm_logits(
+                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
+                )
+            )
+        return similarities, candidates, torch.cat(logits).reshape(*candidates.shape, 2)
+
+    @torch.no_grad()
     def rank(
         self,
         image_embeds: torch.Tensor,
@@ -757,22 +795,22 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
         scores_i2t = sims.new_full((num_images, num_texts), -100.0)
         scores_t2i = sims.new_full((num_texts, num_images), -100.0)
-
-        def rerank(scores, query_sims, rows, pair_of):
-            rows = range(*(rows or slice(None)).indices(query_sims.shape[0]))
-            top = query_sims[rows.start : rows.stop].topk(min(k, query_sims.shape[1]), dim=1).indices
-            queries = torch.arange(rows.start, rows.stop, device=top.device).repeat_interleave(top.shape[1])
-            candidates = top.reshape(-1)
-            for start in range(0, queries.numel(), batch_size):
-                q, c = queries[start : start + batch_size], candidates[start : start + batch_size]
-                image_index, text_index = pair_of(q, c)
-                logits = self.itm_logits(
-                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
-                )
-                scores[q, c] = logits[:, 1].to(scores.dtype)
-
-        rerank(scores_i2t, sims, image_rows, lambda q, c: (q, c))
-        rerank(scores_t2i, sims.T, text_rows, lambda q, c: (c, q))
+        for scores, query_sims, rows, image_queries in (
+            (scores_i2t, sims, image_rows, True),
+            (scores_t2i, sims.T, text_rows, False),
+        ):
+            start, stop, _ = (rows or slice(None)).indices(query_sims.shape[0])
+            if start >= stop:
+                continue
+            query = slice(start, stop)
+            if image_queries:
+                images, texts, masks = image_embeds[query], text_embeds, text_attention_mask
+            else:
+                images, texts, masks = image_embeds, text_embeds[query], text_attention_mask[query]
+            _, candidates, logits = self.itm_rerank(
+                query_sims[query], images, texts, masks, k, batch_size, image_queries
+            )
+            scores[query].scatter_(1, candidates, logits[..., 1].to(scores.dtype))
         return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
 
     @torch.no_grad()

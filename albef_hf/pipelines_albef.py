@@ -489,18 +489,14 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
         else:
             query_embeds, query_feat = self.encode_images(inputs["pixel_values"])
         sims = query_feat @ index.features.to(query_feat.dtype).T
-        itc, candidates = sims.topk(min(k, len(index)), dim=1)
-        queries = torch.arange(sims.shape[0], device=sims.device).repeat_interleave(candidates.shape[1])
-        items = candidates.reshape(-1)
-        logits = []
-        for start in range(0, queries.numel(), itm_batch_size):
-            q, c = queries[start : start + itm_batch_size], items[start : start + itm_batch_size]
-            if index.query_modality == "text":
-                pair = (query_embeds[q], inputs["attention_mask"][q], index.embeds[c])
-            else:
-                pair = (index.embeds[c], index.attention_mask[c], query_embeds[q])
-            logits.append(self.model.itm_logits(*pair))
-        itm = torch.cat(logits).reshape(*candidates.shape, 2)
+        if index.query_modality == "text":
+            pairs = (index.embeds, query_embeds, inputs["attention_mask"], False)
+        else:
+            pairs = (query_embeds, index.embeds, index.attention_mask, True)
+        images, texts, masks, image_queries = pairs
+        itc, candidates, itm = self.model.itm_rerank(
+            sims, images, texts, masks, k, itm_batch_size, image_queries
+        )
         return {"candidates": candidates, "itc_similarity": itc, "itm_logits": itm}
 
     def postprocess(self, outputs: dict[str, torch.Tensor], top_k: int = 10) -> list[dict[str, Any]]:
