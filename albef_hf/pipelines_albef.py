@@ -484,16 +484,14 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
 
     def _forward(self, inputs: dict[str, torch.Tensor], k: int = 128, itm_batch_size: int = 128) -> dict:
         index = self.index
-        if index.query_modality == "text":
-            query_embeds, query_feat = self.encode_texts(inputs["input_ids"], inputs["attention_mask"])
-        else:
+        image_queries = index.query_modality == "image"
+        if image_queries:
             query_embeds, query_feat = self.encode_images(inputs["pixel_values"])
-        sims = query_feat @ index.features.to(query_feat.dtype).T
-        if index.query_modality == "text":
-            pairs = (index.embeds, query_embeds, inputs["attention_mask"], False)
+            images, texts, masks = query_embeds, index.embeds, index.attention_mask
         else:
-            pairs = (query_embeds, index.embeds, index.attention_mask, True)
-        images, texts, masks, image_queries = pairs
+            query_embeds, query_feat = self.encode_texts(inputs["input_ids"], inputs["attention_mask"])
+            images, texts, masks = index.embeds, query_embeds, inputs["attention_mask"]
+        sims = query_feat @ index.features.to(query_feat.dtype).T
         itc, candidates, itm = self.model.itm_rerank(
             sims, images, texts, masks, k, itm_batch_size, image_queries
         )
