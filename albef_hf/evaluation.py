@@ -26,6 +26,7 @@ Every metric is in percent, as the retrieval recalls are.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,10 +210,8 @@ def compute_retrieval_scores(
     distributed = dist.is_available() and dist.is_initialized()
     rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
     world_size = world_size if world_size is not None else (dist.get_world_size() if distributed else 1)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    device = _model_device(model, device)
+    with _eval_mode(model):
         image_embeds = torch.cat(
             [
                 model.encode_image(
@@ -236,8 +235,6 @@ def compute_retrieval_scores(
         image_rows = _process_rows(image_embeds.shape[0], rank, world_size)
         text_rows = _process_rows(text_embeds.shape[0], rank, world_size)
         ranking = model.rank(image_embeds, text_embeds, attention_mask, k, batch_size, image_rows, text_rows)
-    finally:
-        model.train(was_training)
     scores = []
     for matrix, rows in ((ranking.scores_i2t, image_rows), (ranking.scores_t2i, text_rows)):
         own = torch.zeros_like(matrix, dtype=torch.float32)
@@ -282,6 +279,17 @@ def _gather_lists(own: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, own)
     return [item for block in gathered for item in block]
+
+
+@contextmanager
+def _eval_mode(model: Any):
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _model_device(model: Any, device: torch.device | str | None) -> torch.device:
@@ -371,10 +379,8 @@ def predict_vqa(
         k = min(k, len(answer_list))
     normalization = processor.question_normalization
     rows, gathered = _process_share(len(eval_set.samples))
-    was_training = model.training
-    model.eval()
     results, index = [], rows.start
-    try:
+    with _eval_mode(model):
         for batch in _in_batches(eval_set.samples, rows, batch_size):
             inputs = processor(
                 images=[sample["image"] for sample in batch],
@@ -408,8 +414,6 @@ def predict_vqa(
                     result["top_answers"] = [{"answer": a, "probability": p} for a, p in candidates]
                 results.append(result)
                 index += 1
-    finally:
-        model.train(was_training)
     return _gather_lists(results) if gathered else results
 
 
@@ -473,10 +477,8 @@ def predict_grounding(
     gradcam = gradcam_itm if mode == "itm" else gradcam_itc
     device = _model_device(model, device)
     rows, gathered = _process_share(len(eval_set.samples))
-    was_training = model.training
-    model.eval()
     results, index = [], rows.start
-    try:
+    with _eval_mode(model):
         for batch in _in_batches(eval_set.samples, rows, batch_size):
             images = [to_pil_rgb(sample["image"]) for sample in batch]
             inputs = processor(images=images, text=[sample["text"] for sample in batch])
@@ -501,8 +503,6 @@ def predict_grounding(
                     result["split"] = sample["split"]
                 results.append(result)
                 index += 1
-    finally:
-        model.train(was_training)
     return _gather_lists(results) if gathered else results
 
 
