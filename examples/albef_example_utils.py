@@ -283,7 +283,10 @@ def build_model(model_class: type, model_args: ModelArguments) -> Any:
     return model_class(config)
 
 
-def build_processor(model_args: ModelArguments, image_size: int, default_max_length: int) -> AlbefProcessor:
+def build_processor(model_args: ModelArguments, model: Any, default_max_length: int) -> AlbefProcessor:
+    """The processor of the model's checkpoint (or one built from --tokenizer_name), at the model's image size,
+    checked against the model's vocabulary."""
+    image_size = model.config.image_size
     source = model_args.processor_name or model_args.model_name_or_path
     processor = None
     if source:
@@ -304,6 +307,7 @@ def build_processor(model_args: ModelArguments, image_size: int, default_max_len
         processor.max_length if model_args.processor_name else default_max_length
     )
     processor.original_tokenization = model_args.original_tokenization or processor.original_tokenization
+    check_vocabulary(model, processor)
     return processor
 
 
@@ -547,8 +551,7 @@ def run(
 
     model = build_model(model_class, model_args)
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length)
     train_dataset = (
         build_train_dataset(data_args, image_size, training_args.seed) if training_args.do_train else None
     )

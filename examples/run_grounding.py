@@ -35,7 +35,6 @@ from albef_example_utils import (
     build_model,
     build_processor,
     build_transform,
-    check_vocabulary,
     parse_arguments,
     read_task_data,
     train_evaluate_save,
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> AlbefTrainer:
     )
     model = build_model(AlbefForImageTextRetrieval, model_args)
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length=30)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length=30)
     read_json = partial(read_grounding_json, box_format=box_args.box_format)
     seed = training_args.seed
     train_set = read_task_data(

@@ -40,7 +40,6 @@ from albef_example_utils import (
     build_task_model,
     build_train_dataset,
     build_transform,
-    check_vocabulary,
     parse_arguments,
     read_task_data,
     train_evaluate_save,
@@ -103,8 +102,7 @@ def text_assignment_step(
     model_args = dataclasses.replace(model_args, image_size=ta_args.ta_image_size or model_args.image_size)
     model = build_task_model(AlbefForTextAssignment, model_args)
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length=25)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length=25)
     pairs = DataArguments(
         train_file=ta_args.ta_train_file,
         image_root=ta_args.ta_image_root,
@@ -152,8 +150,7 @@ def main(argv: list[str] | None = None) -> AlbefTrainer:
     else:
         model = build_task_model(AlbefForVisualReasoning, model_args)
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length=30)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length=30)
     seed = training_args.seed
     train_set = read_task_data("nlvr2", data_args, "train", image_size, seed, read_nlvr_json)
     eval_set = read_task_data("nlvr2", data_args, "eval", image_size, seed, read_nlvr_json)

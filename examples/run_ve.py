@@ -29,7 +29,6 @@ from albef_example_utils import (
     build_processor,
     build_task_model,
     build_transform,
-    check_vocabulary,
     parse_arguments,
     read_task_data,
     train_evaluate_save,
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> AlbefTrainer:
     )
     model = build_task_model(AlbefForVisualEntailment, model_args)
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length=30)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length=30)
     seed = training_args.seed
     train_set = read_task_data("ve", data_args, "train", image_size, seed, read_ve_json)
     eval_set = read_task_data("ve", data_args, "eval", image_size, seed, read_ve_json)

@@ -43,7 +43,6 @@ from albef_example_utils import (
     build_processor,
     build_task_model,
     build_transform,
-    check_vocabulary,
     parse_arguments,
     read_task_data,
     train_evaluate_save,
@@ -120,8 +119,7 @@ def main(argv: list[str] | None = None) -> AlbefTrainer:
         AlbefForQuestionAnswering, model_args, partial(decoder_config, layers=vqa_args.decoder_layers)
     )
     image_size = model.config.image_size
-    processor = build_processor(model_args, image_size, default_max_length=25)
-    check_vocabulary(model, processor)
+    processor = build_processor(model_args, model, default_max_length=25)
     read_json = partial(read_vqa_json, vg_root=vqa_args.vg_root)
     seed = training_args.seed
     train_set = read_task_data("vqa", data_args, "train", image_size, seed, read_json)
