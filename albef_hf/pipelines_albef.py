@@ -3,9 +3,9 @@ answering and visual grounding.
 
 Each pipeline reads images as PIL images, numpy arrays, torch tensors, paths, `file://` URLs (these as the
 processor reads them), http(s) URLs or base64 strings (transformers' `load_image`), and texts as strings; it takes
-one item or a list, batches with `batch_size`, and runs on the `device` / `dtype` given to `pipeline()`. Inputs are checked before any model
-call: an empty text, an empty image, a text where an image is expected and the like raise a `ValueError` that
-names the item and the problem.
+one item or a list, batches with `batch_size`, and runs on the `device` / `dtype` given to `pipeline()`. Inputs
+are checked before any model call: an empty text, an empty image, a text where an image is expected and the
+like raise a `ValueError` that names the item and the problem.
 
 Importing albef_hf registers the tasks with transformers (see `albef_hf/__init__.py`); a saved model folder also
 declares them in `config.custom_pipelines` and carries this module, so that `pipeline(task, model=repo,
