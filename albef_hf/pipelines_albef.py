@@ -407,7 +407,7 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
 
         Args:
             **index_options: `index_type` ("flat", exact, the default; "hnsw", "ivf", "ivfpq"), `token_dtype`
-                (torch.float16, the default, or torch.float32), `store_tokens` (False: keep the image paths or
+                (default: torch.float32 in memory, torch.float16 in a `directory`), `store_tokens` (False: keep the image paths or
                 texts and encode the shortlist again at query time), `nprobe`, `ef_search`.
 
         Raises:

@@ -7,7 +7,8 @@ ALBEF retrieves in two stages, and the index serves each from its own store:
   re-scored exactly from the stored fp32 features (so an approximate index only chooses the shortlist).
 - ITM re-ranking: the unimodal token embeddings of the shortlisted items only, read from a flat token store (in
   memory, or a raw file on disk that is memory-mapped, so that a query reads only its shortlist's rows), stored in
-  `token_dtype` (float16 by default: half the disk; float32 reproduces the dense scores bit for bit); or, with
+  `token_dtype`: by default float32 in memory (the dense scores, bit for bit) and float16 in a folder (half the
+  disk; ITM scores move by about 1e-4 on the demo model, see the README); or, with
   `store_tokens=False`, no tokens at all: the items' sources (image paths, texts) are kept and the shortlisted
   items are encoded again at query time.
 
@@ -48,6 +49,7 @@ INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 TOKEN_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # below this many items per inverted list and PQ centroid FAISS's k-means has too few points to train well
 _TRAIN_POINTS_PER_CENTROID = 39
+_TRAIN_SAMPLE_PER_CENTROID = 64
 _HNSW_NEIGHBOURS = 32
 # an IVF-PQ shortlist is fetched this many times longer and cut to k by the exact scores of the stored features
 _PQ_REFINE_FACTOR = 4
@@ -138,7 +140,8 @@ class AlbefRetrievalIndex:
         directory: a folder for the features and tokens (None: keep them in memory).
         index_type: the ITC search: `"flat"` (exact inner product, the default), `"hnsw"`, `"ivf"` (IVF-flat)
             or `"ivfpq"` (IVF with product quantisation, for galleries too large for fp32 features in memory).
-        token_dtype: `torch.float16` (default) or `torch.float32` for the stored tokens.
+        token_dtype: `torch.float32` or `torch.float16` for the stored tokens (default: float32 in memory, float16
+            in a folder).
         store_tokens: keep the token embeddings (True), or keep the items' sources and encode the shortlisted
             items again at query time (False; texts are the sources of a text gallery, image paths or URLs of an
             image gallery).
@@ -154,12 +157,14 @@ class AlbefRetrievalIndex:
         hidden_size: int,
         directory: str | os.PathLike | None = None,
         index_type: str = "flat",
-        token_dtype: torch.dtype = torch.float16,
+        token_dtype: torch.dtype | None = None,
         store_tokens: bool = True,
         nprobe: int | None = None,
         ef_search: int | None = None,
         model_name: str | None = None,
     ) -> None:
+        if token_dtype is None:
+            token_dtype = torch.float32 if directory is None else torch.float16
         if modality not in ("image", "text"):
             raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
         if index_type not in INDEX_TYPES:
@@ -267,7 +272,7 @@ class AlbefRetrievalIndex:
         `fetch` (how many candidates FAISS returns before the exact re-scoring cuts them to k).
 
         Defaults by gallery size: `nlist` the power of two nearest 4 sqrt(n), with at least 39 training points
-        per list; `nprobe` nlist / 16 (at least 1), which reached recall@128 >= 0.99 on 1M clustered features
+        per list; `nprobe` nlist / 8 (at least 1), which reached recall@128 >= 0.99 on 1M clustered features
         (benchmarks/bench_index.py); HNSW searches 2k deep (at least 128); IVF-PQ fetches 4k candidates.
         """
         count = max(len(self), 1)
@@ -278,7 +283,7 @@ class AlbefRetrievalIndex:
         fetch = min(len(self), k * (_PQ_REFINE_FACTOR if self.index_type == "ivfpq" else 1))
         return {
             "nlist": nlist,
-            "nprobe": min(nlist, self.nprobe or max(1, nlist // 16)),
+            "nprobe": min(nlist, self.nprobe or max(1, nlist // 8)),
             "ef_search": max(self.ef_search or 2 * fetch, fetch, 128),
             "fetch": fetch,
         }
@@ -291,8 +296,8 @@ class AlbefRetrievalIndex:
         features = self.features
         if not self._itc.is_trained:
             sample = features
-            limit = 256 * self.search_parameters(1)["nlist"]
-            if len(sample) > limit:  # k-means does not gain from more than ~256 points per centroid
+            limit = _TRAIN_SAMPLE_PER_CENTROID * self.search_parameters(1)["nlist"]
+            if len(sample) > limit:  # k-means time grows with its points, its quality hardly past ~64 each
                 sample = sample[
                     torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:limit]
                 ]
@@ -614,7 +619,7 @@ def build_retrieval_index(
             _encode_into(keep, chunk, ids, start, encode, batch_size, modality, store_tokens, bar)
             tensors = {name: torch.cat(values).contiguous() for name, values in parts.items() if values}
             if "tokens" in tensors:
-                tensors["tokens"] = tensors["tokens"].to(index_options.get("token_dtype", torch.float16))
+                tensors["tokens"] = tensors["tokens"].to(index_options.get("token_dtype") or torch.float16)
             # written whole, then renamed: a chunk file that exists is complete
             save_file(tensors, paths[start] + ".tmp")
             os.replace(paths[start] + ".tmp", paths[start])
