@@ -14,8 +14,9 @@ measured in the same run. IVF is measured at several `nprobe`.
 
 (b) `count` test scenes of the synthetic world rendered to PNG files, indexed by the retrieval pipeline into a
 folder (fp16 tokens, memory-mapped), an fp32 one, and one without tokens (`store_tokens=False`); the build rate
-(images/s), the disk per image, and the latency of a text query (ITC shortlist of 16 re-ranked by ITM) for each,
-with how far their ITM scores are from the fp32 store's.
+(images/s), the disk per image, and the latency of a text query through the pipeline (ITC shortlist of 16
+re-ranked by ITM; `--queries` captions, each sent to the three indexes in turn, on `--query-threads`), with how
+far their ITM scores are from the fp32 store's.
 """
 
 from __future__ import annotations
@@ -129,42 +130,42 @@ def bench_scenes(args: argparse.Namespace) -> dict:
         "fp16 tokens": {},
         "no tokens (re-encode)": {"store_tokens": False},
     }
-    results, reference = {}, None
+    results, indexes = {}, {}
     for name, options in variants.items():
         folder = os.path.join(root, name.split()[0])
         tick = time.perf_counter()
-        index = retriever.build_index(
+        indexes[name] = retriever.build_index(
             images=paths, directory=folder, batch_size=64, chunk_size=2048, **options
         )
         build_s = time.perf_counter() - tick
         disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        retriever(queries[0], k=16, top_k=16)  # warm up
-        times, scores = [], []
-        for query in queries:
-            tick = time.perf_counter()
-            result = retriever(query, k=16, top_k=16)
-            times.append(time.perf_counter() - tick)
-            scores.append({r["index"]: r["score"] for r in result})
-        row = {
+        results[name] = {
             "build_images_per_s": round(len(paths) / build_s, 1),
             "disk_kib_per_image": round(disk / len(paths) / 1024, 2),
-            **percentiles(times),
         }
-        if reference is None:
-            reference = scores
-        else:
-            same_items = all(a.keys() == b.keys() for a, b in zip(scores, reference, strict=True))
-            row["same_top16"] = same_items
-            row["max_abs_itm_diff"] = float(
-                max(
-                    abs(a[i] - b[i])
-                    for a, b in zip(scores, reference, strict=True)
-                    for i in a.keys() & b.keys()
-                )
-            )
-        results[name] = row
+        print(name, json.dumps(results[name]), flush=True)
+
+    # queries on one thread, each query on every index in turn (a busy machine slows them alike)
+    torch.set_num_threads(args.query_threads)
+    times = {name: [] for name in variants}
+    scores = {name: [] for name in variants}
+    for query in [queries[0], *queries]:  # the first round warms up
+        for name, index in indexes.items():
+            tick = time.perf_counter()
+            result = retriever(query, index=index, k=16, top_k=16)
+            times[name].append(time.perf_counter() - tick)
+            scores[name].append({r["index"]: r["score"] for r in result})
+    reference = scores["fp32 tokens"][1:]
+    for name in variants:
+        row = results[name]
+        row.update(percentiles(times[name][1:]))
+        row["p50_vs_fp32_tokens"] = round(row["p50_ms"] / results["fp32 tokens"]["p50_ms"], 2)
+        ours = scores[name][1:]
+        row["same_top16"] = all(a.keys() == b.keys() for a, b in zip(ours, reference, strict=True))
+        row["max_abs_itm_diff"] = max(
+            abs(a[i] - b[i]) for a, b in zip(ours, reference, strict=True) for i in a.keys() & b.keys()
+        )
         print(name, json.dumps(row), flush=True)
-        del index
     return {"count": args.count, "queries": len(queries), "results": results}
 
 
