@@ -407,8 +407,8 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
 
         Args:
             **index_options: `index_type` ("flat", exact, the default; "hnsw", "ivf", "ivfpq"), `token_dtype`
-                (default: torch.float32 in memory, torch.float16 in a `directory`), `store_tokens` (False: keep the image paths or
-                texts and encode the shortlist again at query time), `nprobe`, `ef_search`.
+                (default: torch.float32 in memory, torch.float16 in a `directory`), `store_tokens` (False: keep
+                the image paths or texts and encode the shortlist again at query time), `nprobe`, `ef_search`.
 
         Raises:
             ValueError: for no gallery or both, an empty one, a bad item or `ids` of another length.

@@ -103,11 +103,7 @@ class _Rows:
         if self._map is None:
             if self.count == 0:
                 return torch.empty(0, self.width, dtype=self.dtype)
-            dtype = (
-                np.float16
-                if self.dtype == torch.float16
-                else np.dtype(str(self.dtype).removeprefix("torch."))
-            )
+            dtype = torch.empty((), dtype=self.dtype).numpy().dtype
             # copy-on-write: torch wants a writable array; nothing is ever written back to the file
             array = np.memmap(self.path, dtype=dtype, mode="c", shape=(self.count, self.width))
             self._map = torch.from_numpy(array)
