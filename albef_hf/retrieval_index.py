@@ -183,7 +183,9 @@ class AlbefRetrievalIndex:
         self._features = _Rows(embed_dim, torch.float32, self._file(FEATURES_FILE))
         self._tokens = _Rows(hidden_size, token_dtype, self._file(TOKENS_FILE)) if store_tokens else None
         self._lengths = _Rows(1, torch.int32, self._file(LENGTHS_FILE)) if store_tokens else None
+        # item i's tokens are rows offsets[i]:offsets[i + 1] of the token store (computed on first read)
         self._offsets: torch.Tensor | None = None
+        self._max_length: int | None = None
         self._itc = None
 
     # ------------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ class AlbefRetrievalIndex:
         if self._tokens is not None:
             self._tokens.append(tokens)
             self._lengths.append(lengths)
-            self._offsets = None
+            self._offsets = self._max_length = None
         self.ids.extend(ids)
 
     # ------------------------------------------------------------------------------------------
@@ -338,7 +340,7 @@ class AlbefRetrievalIndex:
 
         FAISS proposes the candidates; their similarities are computed here from the stored features, as
         `query_feat @ features.T` would (in the dtype of `query_feat`). `k'` is `k` capped by the gallery size, or
-        fewer where an approximate index found fewer candidates for some query (its positions are -1 there).
+        fewer where an approximate index found fewer candidates for some query (every row is cut to the shortest).
         """
         if len(self) == 0:
             raise ValueError("the index is empty")
@@ -359,6 +361,10 @@ class AlbefRetrievalIndex:
         union_feat = self.features[union.cpu()].to(query_feat.device, query_feat.dtype)
         sims = (query_feat @ union_feat.T).gather(1, inverse).masked_fill(~valid, float("-inf"))
         keep = min(k, params["fetch"], int(valid.sum(dim=1).min()))
+        if keep == 0:
+            raise ValueError(
+                f"the {self.index_type} index found no item for a query: search more of it (nprobe, ef_search)"
+            )
         sims, order = sims.topk(keep, dim=1)
         return sims, candidates.gather(1, order)
 
@@ -379,15 +385,20 @@ class AlbefRetrievalIndex:
                 )
             _, embeds, mask = encode([self.sources[p] for p in positions.tolist()], 0)
             return embeds, mask
-        lengths = self._lengths.all()[:, 0].long()
         if self._offsets is None:
+            lengths = self._lengths.all()[:, 0].long()
             self._offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        starts = self._offsets[positions]
+        lengths = self._offsets[positions + 1] - starts
         # texts pad to the longest of the gallery, as a dense index of them would (the same matmul shapes)
-        length = int(lengths.max())
-        steps = torch.arange(length)
-        mask = steps < lengths[positions, None]
-        rows = (self._offsets[positions, None] + steps).masked_fill(~mask, 0)
-        embeds = self._tokens.all()[rows.reshape(-1)].reshape(len(positions), length, self.hidden_size)
+        if self._max_length is None:
+            self._max_length = int(self._offsets.diff().max())
+        steps = torch.arange(self._max_length)
+        mask = steps < lengths[:, None]
+        rows = (starts[:, None] + steps).masked_fill(~mask, 0)
+        embeds = self._tokens.all()[rows.reshape(-1)].reshape(
+            len(positions), self._max_length, self.hidden_size
+        )
         embeds = embeds.masked_fill(~mask[..., None], 0)
         return embeds, (mask.long() if self.modality == "text" else None)
 
