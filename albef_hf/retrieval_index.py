@@ -246,6 +246,8 @@ class AlbefRetrievalIndex:
         count = features.shape[0]
         if features.dim() != 2 or features.shape[1] != self.embed_dim:
             raise ValueError(f"features must be (n, {self.embed_dim}), got {tuple(features.shape)}")
+        if tokens is not None and tokens.shape[-1] != self.hidden_size:
+            raise ValueError(f"the index stores tokens of size {self.hidden_size}, got {tokens.shape[-1]}")
         ids = list(range(len(self), len(self) + count)) if ids is None else list(ids)
         if len(ids) != count:
             raise ValueError(f"got {len(ids)} ids for {count} items")

@@ -310,6 +310,17 @@ def test_approximate_indexes_find_the_exact_shortlist(tmp_path):
         clustered_index("ivfpq").search(queries, 32)
 
 
+def test_adds_of_the_wrong_shape_are_refused():
+    index = AlbefRetrievalIndex("image", 16, 8)
+    with pytest.raises(ValueError, match=r"features must be \(n, 16\), got \(2, 8\)"):
+        index.add(torch.randn(2, 8), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="stores tokens of size 8, got 4"):
+        index.add(torch.randn(2, 16), torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="needs the token embeddings"):
+        index.add(torch.randn(2, 16))
+    assert len(index) == 0
+
+
 def test_a_missing_faiss_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ImportError, match=r"pip install albef-hf\[faiss\]"):
