@@ -61,7 +61,7 @@ from .modeling_albef_downstream import (
     AlbefTextAssignmentOutput,
     answer_decoder_config,
 )
-from .pipelines_albef import (
+from .pipelines import (
     AlbefFeatureExtractionPipeline,
     AlbefImageTextMatchingPipeline,
     AlbefImageTextRetrievalPipeline,

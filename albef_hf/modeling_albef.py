@@ -8,7 +8,10 @@ names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions
 from __future__ import annotations
 
 import os
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,6 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -405,7 +407,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
         - every ALBEF Auto class of this module goes in `auto_map` (transformers records only the saved model's
           own), so that a folder written by one ALBEF model loads as any other with `trust_remote_code`;
         - the pipelines this model serves go in `config.custom_pipelines` (loading the folder with this model's
-          own Auto class) and their code is copied next to the model's.
+          own Auto class) and their code is copied next to the model's (flattened: see `_save_flat_code`).
 
         With `push_to_hub=True` the folder is uploaded once it is complete (`repo_id`, `commit_message`,
         `private`, `token`, `revision`, `create_pr` as in `push_to_hub`).
@@ -431,8 +433,9 @@ class AlbefPreTrainedModel(PreTrainedModel):
             # the declaration is for the folder; in memory this package's registry serves the tasks
             self.config.__dict__.pop("custom_pipelines", None)
         if is_main_process:
-            for pipeline_class in dict.fromkeys(pipelines.values()):
-                custom_object_save(pipeline_class, save_directory)
+            _save_flat_code(
+                [sys.modules[cls.__module__].__file__ for cls in pipelines.values()], save_directory
+            )
         if push_to_hub and is_main_process:
             from .hub import upload_folder
 
@@ -1170,6 +1173,35 @@ def _module_auto_map(model_class: type) -> dict[str, str]:
     if "AutoModel" in auto_map:  # the base model also serves zero-shot image classification
         auto_map["AutoModelForZeroShotImageClassification"] = auto_map["AutoModel"]
     return auto_map
+
+
+# `from .name import` and `from ..name import` statements (at any indentation), as transformers finds relative imports
+_RELATIVE_IMPORT = re.compile(r"^([ \t]*)from\s+(\.{1,2})(\w+)\s+import", flags=re.MULTILINE)
+
+
+def _save_flat_code(module_files: list[str], folder: str | os.PathLike) -> None:
+    """Copy `module_files` and every module they import relatively (recursively) into `folder`, flat.
+
+    A folder's remote code is one flat directory (transformers resolves `module.Class` references and single-dot
+    imports there), while the pipelines sit in a subpackage that imports albef_hf's modules as `from ..name`:
+    the copies import them as neighbours, `from .name`.
+
+    Raises:
+        ValueError: when two modules would land on one file name.
+    """
+    sources: dict[str, Path] = {}
+    pending = [Path(file) for file in module_files]
+    while pending:
+        path = pending.pop()
+        if sources.setdefault(path.name, path) != path:
+            raise ValueError(f"{path} and {sources[path.name]} would both be saved as {path.name}")
+        for _, dots, name in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8")):
+            imported = (path.parent if dots == "." else path.parent.parent) / f"{name}.py"
+            if imported not in sources.values() and imported not in pending:
+                pending.append(imported)
+    for name, path in sources.items():
+        code = _RELATIVE_IMPORT.sub(r"\1from .\3 import", path.read_text(encoding="utf-8"))
+        Path(folder, name).write_text(code, encoding="utf-8")
 
 
 def _subclasses(cls: type) -> list[type]:

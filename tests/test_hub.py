@@ -52,7 +52,8 @@ CARD = AlbefCardInfo(
     dataset_split="test",
     repo_id=REPO,
 )
-CODE_FILES = {
+# the code a folder carries: the models' modules, and each served pipeline's module with what it imports
+BASE_CODE_FILES = {
     "configuration_albef.py",
     "modeling_albef.py",
     "modeling_albef_text.py",
@@ -60,11 +61,17 @@ CODE_FILES = {
     "pretrained_towers.py",
     "hub.py",
     "modelcard.py",
-    "pipelines_albef.py",
-    "retrieval_index.py",
-    "grounding.py",
+    "base.py",
+    "feature_extraction.py",
     "image_processing_albef.py",
     "processing_albef.py",
+}
+CODE_FILES = BASE_CODE_FILES | {
+    "image_text_matching.py",
+    "image_text_retrieval.py",
+    "retrieval_index.py",
+    "visual_grounding.py",
+    "grounding.py",
 }
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 
@@ -247,7 +254,7 @@ WITH_PACKAGE = textwrap.dedent(
 
 def test_a_trainer_folder_loads_from_the_hub_by_revision_in_a_fresh_process(hub, tmp_path):
     result = run_fresh(sys.executable, WITH_PACKAGE, hub, tmp_path, package=True)
-    assert result["classes"] == ["albef_hf.pipelines_albef", "albef_hf.modeling_albef"]
+    assert result["classes"] == ["albef_hf.pipelines.image_text_matching", "albef_hf.modeling_albef"]
     for name, saved in (("v1", hub["v1"]), ("main", hub["v2"])):
         loaded = load_file(tmp_path / f"{name}.safetensors")
         expected = saved.state_dict()
@@ -415,7 +422,7 @@ def test_save_pretrained_with_push_to_hub_sends_the_complete_folder(recorded_upl
     model.save_pretrained(tmp_path / "albef", push_to_hub=True, commit_message="first")
     (upload,) = uploads
     assert upload["repo_id"] == "user/albef" and upload["message"] == "first"
-    assert set(upload["files"]) == {"config.json", "model.safetensors"} | CODE_FILES
+    assert set(upload["files"]) == {"config.json", "model.safetensors"} | BASE_CODE_FILES
     assert set(upload["files"]) == {path.name for path in (tmp_path / "albef").iterdir()}
 
 
