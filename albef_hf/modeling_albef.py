@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -437,8 +438,6 @@ class AlbefPreTrainedModel(PreTrainedModel):
                 [sys.modules[cls.__module__].__file__ for cls in pipelines.values()], save_directory
             )
         if push_to_hub and is_main_process:
-            from .hub import upload_folder
-
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             upload_folder(save_directory, repo_id, **hub_kwargs)
 
@@ -449,48 +448,6 @@ class AlbefPreTrainedModel(PreTrainedModel):
             for task, cls in AlbefPreTrainedModel.folder_pipelines.items()
             if name in getattr(cls, "checkpoint_classes", ())
         }
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        processor=None,
-        model_card=None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Upload this model, its `processor` and an ALBEF model card to the Hub repository `repo_id`, in one
-        commit (transformers' version would write a generic card).
-
-        Args:
-            processor: the `AlbefProcessor` to upload with the model.
-            model_card: an `albef_hf.modelcard.AlbefCardInfo` (or a `huggingface_hub.ModelCard`); by default a
-                card is built from this model's task and class.
-            tags: more Hub tags for the default card.
-            others: as in transformers' `push_to_hub`.
-        """
-        from .hub import push_to_hub
-
-        return push_to_hub(
-            repo_id,
-            model=self,
-            processor=processor,
-            model_card=model_card,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            max_shard_size=max_shard_size,
-            tags=tags,
-        )
 
     @classmethod
     def from_vision_text_pretrained(
@@ -1162,6 +1119,34 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
             output.mlm_input_ids, output.mlm_labels = mlm_input_ids, mlm_labels
             output.loss = output.loss + self.config.mlm_weight * output.loss_mlm
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
+
+
+def upload_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api: HfApi | None = None,
+):
+    """Upload every file of `folder` to `repo_id` (created when missing; `revision` is a branch, created when
+    missing) in one commit; returns the `CommitInfo`. `save_pretrained(push_to_hub=True)` uploads with it, and
+    the Hub layer (`albef_hf.hub`) too."""
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message or "Upload with albef-hf",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
 def _module_auto_map(model_class: type) -> dict[str, str]:

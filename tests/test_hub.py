@@ -52,15 +52,14 @@ CARD = AlbefCardInfo(
     dataset_split="test",
     repo_id=REPO,
 )
-# the code a folder carries: the models' modules, and each served pipeline's module with what it imports
+# the code a folder carries: the models' modules, and each served pipeline's module with what it imports (never
+# the Hub layer nor the card writer: the models do not import them, they extend the models from outside)
 BASE_CODE_FILES = {
     "configuration_albef.py",
     "modeling_albef.py",
     "modeling_albef_text.py",
     "losses.py",
     "pretrained_towers.py",
-    "hub.py",
-    "modelcard.py",
     "base.py",
     "feature_extraction.py",
     "image_processing_albef.py",
