@@ -11,7 +11,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,demo]"
+	$(BIN)/pip install --quiet -e ".[test,demo,app]"
 	touch $@
 
 setup: $(VENV)/.installed
