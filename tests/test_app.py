@@ -366,3 +366,15 @@ def test_a_folder_gallery_needs_a_readable_image(tmp_path):
         Gallery.from_folder(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         Gallery.from_folder(tmp_path / "missing")
+
+
+def test_the_command_line_says_what_is_wrong(tmp_path):
+    from albef_hf.app.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "missing")])
+    assert str(exit_info.value).startswith("error: ")
+    AlbefForPreTraining(tiny_config()).save_pretrained(tmp_path / "model")
+    tiny_processor().save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit, match="error: the gallery .* is not a folder"):
+        main(["--model", str(tmp_path / "model"), "--gallery", str(tmp_path / "nowhere")])

@@ -119,7 +119,9 @@ def _match_tab(service: AlbefAppService, reason: str | None) -> None:
         return
     with gr.Row():
         with gr.Column():
-            image = image_input(label="Image", elem_id="match-image")
+            image = image_input(
+                label="Image", height=256, elem_id="match-image", elem_classes="albef-picture"
+            )
             text = gr.Textbox(
                 label="Text", placeholder="a red circle above a blue square", elem_id="match-text"
             )
@@ -129,7 +131,13 @@ def _match_tab(service: AlbefAppService, reason: str | None) -> None:
             with gr.Row():
                 itm = gr.Number(label="ITM probability", precision=4, elem_id="match-itm")
                 itc = gr.Number(label="ITC similarity", precision=4, elem_id="match-itc")
-            heatmap = gr.Image(label="Grad-CAM heatmap", type="pil", elem_id="match-heatmap")
+            heatmap = gr.Image(
+                label="Grad-CAM heatmap",
+                type="pil",
+                height=256,
+                elem_id="match-heatmap",
+                elem_classes="albef-picture",
+            )
             message = gr.Markdown(elem_id="match-message")
 
     @_reported((None, None, None))
@@ -160,7 +168,9 @@ def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None,
                 headers=["rank", "image", "ITM probability", "ITC similarity"], elem_id="search-image-table"
             )
         with gr.Column():
-            image = image_input(label="Image query", elem_id="search-image")
+            image = image_input(
+                label="Image query", height=256, elem_id="search-image", elem_classes="albef-picture"
+            )
             image_button = gr.Button("Search captions", variant="primary", elem_id="search-image-button")
             caption_table = gr.Dataframe(
                 headers=["rank", "caption", "ITM probability", "ITC similarity"],
@@ -216,7 +226,9 @@ def _zero_shot_tab(service: AlbefAppService, reason: str | None) -> None:
         return
     with gr.Row():
         with gr.Column():
-            image = image_input(label="Image", elem_id="zero-shot-image")
+            image = image_input(
+                label="Image", height=256, elem_id="zero-shot-image", elem_classes="albef-picture"
+            )
             labels = gr.Textbox(
                 label="Labels, comma-separated",
                 placeholder="circle, square, triangle",
@@ -246,7 +258,7 @@ def _vqa_tab(service: AlbefAppService, reason: str | None, top_k: int) -> None:
         return
     with gr.Row():
         with gr.Column():
-            image = image_input(label="Image", elem_id="vqa-image")
+            image = image_input(label="Image", height=256, elem_id="vqa-image", elem_classes="albef-picture")
             question = gr.Textbox(
                 label="Question", placeholder="how many circles are there?", elem_id="vqa-question"
             )
@@ -264,6 +276,11 @@ def _vqa_tab(service: AlbefAppService, reason: str | None, top_k: int) -> None:
 
     button.click(vqa, [image, question], [answers, message], api_name="vqa")
 
+
+# Small models see small images (64 px for the demo's): shown scaled up, pixels kept sharp.
+CSS = """
+.albef-picture img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+"""
 
 # System fonts: the default theme's web fonts would be fetched from the internet.
 THEME = gr.themes.Default(
@@ -290,6 +307,7 @@ def launch(
         ssr_mode=False,
         quiet=not block,
         theme=THEME,
+        css=CSS,
         footer_links=["api"],
     )
     return blocks
