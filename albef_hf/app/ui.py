@@ -151,7 +151,7 @@ def _match_tab(service: AlbefAppService, reason: str | None) -> None:
 def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None, top_k: int) -> None:
     gr.Markdown(
         "Text-to-image and image-to-caption retrieval over a gallery, as ALBEF evaluates it: an ITC shortlist "
-        "re-ranked by the ITM head."
+        're-ranked by the ITM score (the ITM head\'s "match" logit).'
     )
     if _unavailable(reason, "search"):
         return
@@ -163,9 +163,17 @@ def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None,
         with gr.Column():
             query = gr.Textbox(label="Text query", placeholder="two red circles", elem_id="search-text")
             text_button = gr.Button("Search images", variant="primary", elem_id="search-text-button")
-            gallery = gr.Gallery(label="Top images", columns=top_k, height="auto", elem_id="search-gallery")
+            gallery = gr.Gallery(
+                label="Top images",
+                columns=top_k,
+                rows=1,
+                height=200,
+                object_fit="contain",
+                elem_id="search-gallery",
+            )
             image_table = gr.Dataframe(
-                headers=["rank", "image", "ITM probability", "ITC similarity"], elem_id="search-image-table"
+                headers=["rank", "image", "ITM score", "ITM probability", "ITC similarity"],
+                elem_id="search-image-table",
             )
         with gr.Column():
             image = image_input(
@@ -173,7 +181,7 @@ def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None,
             )
             image_button = gr.Button("Search captions", variant="primary", elem_id="search-image-button")
             caption_table = gr.Dataframe(
-                headers=["rank", "caption", "ITM probability", "ITC similarity"],
+                headers=["rank", "caption", "ITM score", "ITM probability", "ITC similarity"],
                 elem_id="search-caption-table",
             )
     message = gr.Markdown(elem_id="search-message")
@@ -195,7 +203,13 @@ def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None,
             for rank, r in enumerate(results, 1)
         ]
         rows = [
-            [rank, r["name"], round(r["itm_probability"], 4), round(r["itc_similarity"], 4)]
+            [
+                rank,
+                r["name"],
+                round(r["score"], 4),
+                round(r["itm_probability"], 4),
+                round(r["itc_similarity"], 4),
+            ]
             for rank, r in enumerate(results, 1)
         ]
         return shown, rows
@@ -205,7 +219,13 @@ def _search_tab(blocks: gr.Blocks, service: AlbefAppService, reason: str | None,
         results = service.search_captions(_image(image), top_k)
         return (
             [
-                [rank, r["text"], round(r["itm_probability"], 4), round(r["itc_similarity"], 4)]
+                [
+                    rank,
+                    r["text"],
+                    round(r["score"], 4),
+                    round(r["itm_probability"], 4),
+                    round(r["itc_similarity"], 4),
+                ]
                 for rank, r in enumerate(results, 1)
             ],
         )
