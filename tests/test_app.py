@@ -378,3 +378,30 @@ def test_the_command_line_says_what_is_wrong(tmp_path):
     tiny_processor().save_pretrained(tmp_path / "model")
     with pytest.raises(SystemExit, match="error: the gallery .* is not a folder"):
         main(["--model", str(tmp_path / "model"), "--gallery", str(tmp_path / "nowhere")])
+
+
+def test_a_class_of_the_checkpoints_own_code_loads_with_trust_remote_code(tmp_path):
+    folder = tmp_path / "custom"
+    AlbefForPreTraining(tiny_config()).save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    # a class albef_hf does not have, in the folder's code
+    with open(folder / "modeling_albef.py", "a") as handle:
+        handle.write('\n\nclass AlbefWithNotes(AlbefForPreTraining):\n    """An ALBEF of its own."""\n')
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["AlbefWithNotes"]
+    config["auto_map"]["AutoModelForPreTraining"] = "modeling_albef.AlbefWithNotes"
+    (folder / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="saved from AlbefWithNotes.*pass --trust-remote-code"):
+        AlbefAppService.from_pretrained(folder)
+    service = AlbefAppService.from_pretrained(folder, trust_remote_code=True)
+    assert type(service.model).__name__ == "AlbefWithNotes"
+    assert type(service.model).__module__.startswith("transformers_modules")
+    # served as the ALBEF class it derives from
+    assert service.available()["match"] is None
+    image = draw_gallery()[0]
+    matched = service.match(image, "a red circle")
+    # the same weights in albef_hf's own class
+    albef = AlbefForPreTraining.from_pretrained(folder)
+    expected = pipeline("image-text-matching", model=albef, processor=tiny_processor())(image, "a red circle")
+    assert matched["itm_probability"] == pytest.approx(expected["itm_probability"], abs=1e-5)

@@ -103,6 +103,14 @@ def load_checkpoint(
     return loaded, processor
 
 
+def albef_class_name(model_class: type) -> str:
+    """The name of the ALBEF class `model_class` is or derives from (a class of a checkpoint's own code is served
+    as its ALBEF base), else its own name."""
+    return next(
+        (cls.__name__ for cls in model_class.__mro__ if cls.__name__ in MODEL_CLASSES), model_class.__name__
+    )
+
+
 @dataclass
 class Gallery:
     """What the Search tab searches: images (queried by text) and captions (queried by image).
@@ -199,7 +207,7 @@ class AlbefAppService:
         self.gallery, self.name, self.gradcam_block = gallery, name, gradcam_block
         self.answer_list = list(answer_list) if answer_list else None
         self.saved_as = type(model).__name__
-        self.served = served_pipelines(self.saved_as)
+        self.served = served_pipelines(albef_class_name(type(model)))
         # the pipelines share the loaded model; one request runs at a time (the retrieval pipeline keeps the
         # queried index as state, and CPU requests gain nothing from running together)
         self._lock = threading.Lock()
@@ -229,7 +237,7 @@ class AlbefAppService:
         checkpoint's `answer_list.json` is its answer list unless `answer_list` is given."""
         model = os.fspath(model)
         loaded, processor = load_checkpoint(model, trust_remote_code, revision)
-        served = served_pipelines(type(loaded).__name__)
+        served = served_pipelines(albef_class_name(type(loaded)))
         zero_shot = None
         if "zero-shot-image-classification" in served:
             verbosity = logging.get_verbosity()
