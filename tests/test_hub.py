@@ -246,6 +246,12 @@ WITH_PACKAGE = textwrap.dedent(
         "grounding_score": grounder(image, "a red circle")["score"],
         "classes": [type(matcher).__module__, type(matcher.model).__module__],
     }
+    # the interactive page's requests, on the Hub id
+    from albef_hf.app import AlbefAppService
+
+    app = AlbefAppService.from_pretrained("org/name", revision=v1)
+    result["app_match"] = app.match(image, "a red circle")["itm_probability"]
+    result["app_zero_shot"] = app.zero_shot(image, "red circle, blue square", "a {}")
     json.dump(result, open(f"{out}/result.json", "w"))
     """
 )
@@ -263,6 +269,10 @@ def test_a_trainer_folder_loads_from_the_hub_by_revision_in_a_fresh_process(hub,
     local = pipeline("image-text-matching", model=str(hub["v1_folder"]))
     image = random_images(1, seed=11)[0]
     assert result["matching"] == pytest.approx(local(image, "a red circle"))
+    assert result["app_match"] == pytest.approx(local(image, "a red circle")["itm_probability"])
+    classify = pipeline("zero-shot-image-classification", model=str(hub["v1_folder"]))
+    expected = classify(image, candidate_labels=["red circle", "blue square"], hypothesis_template="a {}")
+    assert result["app_zero_shot"] == pytest.approx({r["label"]: r["score"] for r in expected})
 
 
 WITHOUT_PACKAGE = textwrap.dedent(
