@@ -405,3 +405,19 @@ def test_a_class_of_the_checkpoints_own_code_loads_with_trust_remote_code(tmp_pa
     albef = AlbefForPreTraining.from_pretrained(folder)
     expected = pipeline("image-text-matching", model=albef, processor=tiny_processor())(image, "a red circle")
     assert matched["itm_probability"] == pytest.approx(expected["itm_probability"], abs=1e-5)
+
+
+def test_a_vqa_checkpoint_without_an_answer_list_generates(tmp_path):
+    torch.manual_seed(0)
+    AlbefForQuestionAnswering(tiny_config()).save_pretrained(tmp_path / "vqa")
+    tiny_processor().save_pretrained(tmp_path / "vqa")
+    service = AlbefAppService.from_pretrained(tmp_path / "vqa")
+    assert service.answer_list is None and service.available()["vqa"] is None
+    image = draw_gallery()[0]
+    answers = service.vqa(image, "what colour is the circle?", top_k=2)
+    expected = pipeline("visual-question-answering", model=str(tmp_path / "vqa"))(
+        image, "what colour is the circle?", top_k=2
+    )
+    assert answers == expected and len(answers) == 2 and "score" not in answers[0]
+    with pytest.raises(ValueError, match="type a question first"):
+        service.vqa(image, "")
