@@ -28,7 +28,8 @@ def to_pil_rgb(image: Any) -> PIL.Image.Image:
     read as 0..255; float arrays as 0..1 (values are clipped). Alpha is dropped.
 
     Raises:
-        ValueError: when the input is not an image, is empty, or has an unsupported channel count.
+        ValueError: when the input is not an image, is empty, has an unsupported channel count, or holds NaN
+            or infinite values.
     """
     if isinstance(image, (str, os.PathLike)):
         try:
@@ -68,6 +69,12 @@ def _to_uint8_hwc(array: np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            # clipping would silently turn them into black pixels
+            raise ValueError(
+                f"the image array holds {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} "
+                "infinite values"
+            )
         array = np.clip(np.rint(array * 255.0), 0, 255)
     elif array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"unsupported image array dtype {array.dtype}")
