@@ -85,7 +85,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 
 class SkipStats:
-    """Counts of skipped samples per reason (`SKIP_REASONS`), shared across processes.
+    """Counts of skipped samples per reason (`SKIP_REASONS` by default), shared across processes.
 
     The counters sit in shared memory (a `multiprocessing.RawArray`), inherited by DataLoader
     worker processes (fork) or handed to them as they start (spawn, forkserver), so that
@@ -96,25 +96,27 @@ class SkipStats:
 
     Args:
         name: shown in the warnings, to tell several datasets apart.
+        reasons: the reasons counted (the collators count their own).
     """
 
     # row 0: the main process; rows 1...: DataLoader workers (ids beyond the rows share them)
     _ROWS = 256
 
-    def __init__(self, name: str = "dataset"):
+    def __init__(self, name: str = "dataset", reasons: Sequence[str] = SKIP_REASONS):
         self.name = name
-        self._counts = multiprocessing.RawArray("q", self._ROWS * len(SKIP_REASONS))
+        self.reasons = tuple(reasons)
+        self._counts = multiprocessing.RawArray("q", self._ROWS * len(self.reasons))
 
     def _row_start(self) -> int:
         worker = get_worker_info()
         row = 0 if worker is None else 1 + worker.id % (self._ROWS - 1)
-        return row * len(SKIP_REASONS)
+        return row * len(self.reasons)
 
     def record(self, reason: str, detail: str) -> None:
         """Count one skipped sample and log a warning with the running count. A process warns
         at its 1st, 2nd, 4th, 8th, ... skip of each reason, so that a badly broken corpus does
         not flood the log."""
-        slot = self._row_start() + SKIP_REASONS.index(reason)
+        slot = self._row_start() + self.reasons.index(reason)
         self._counts[slot] += 1
         own = self._counts[slot]
         if own & (own - 1) == 0:
@@ -127,9 +129,9 @@ class SkipStats:
             )
 
     def as_dict(self) -> dict[str, int]:
-        """{reason: number of skipped samples} for every reason in `SKIP_REASONS`."""
+        """{reason: number of skipped samples} for every counted reason."""
         totals = np.frombuffer(self._counts, dtype=np.int64).reshape(self._ROWS, -1).sum(axis=0)
-        return dict(zip(SKIP_REASONS, totals.tolist(), strict=True))
+        return dict(zip(self.reasons, totals.tolist(), strict=True))
 
     @property
     def total(self) -> int:
