@@ -35,12 +35,16 @@ def to_pil_rgb(image: Any) -> PIL.Image.Image:
         try:
             with PIL.Image.open(image) as opened:
                 image = opened.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as error:
+        except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"could not read an image from {str(image)!r}: {error}") from error
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"got an empty image of size {image.width}x{image.height}")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        try:
+            image.load()  # decodes a lazily opened image: a truncated file fails here, not in a later step
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except OSError as error:
+            raise ValueError(f"could not decode the image: {error}") from error
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch.Tensor, without importing torch here
         image = (
             image.detach().cpu().float().numpy()
