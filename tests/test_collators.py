@@ -108,6 +108,9 @@ def test_bad_samples_are_replaced_within_the_batch_and_counted(caplog):
     assert collator.num_skipped == 3 and "replaced by another sample of its batch" in caplog.text
     with pytest.raises(ValueError, match="no usable sample"):
         collator([{"image": None, "text": "", "image_id": 1}])
+    for not_a_list in (data[0], "a dog", None):
+        with pytest.raises(TypeError, match="a collator takes a list of samples"):
+            collator(not_a_list)
 
 
 def test_retrieval_batch_carries_image_ids():

@@ -268,6 +268,8 @@ class AlbefImageTextCollator:
     def _collate(
         self, samples: Iterable[Any]
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[int]]:
+        if isinstance(samples, (str, bytes, dict)) or not isinstance(samples, Iterable):
+            raise TypeError(f"a collator takes a list of samples (dicts), got {type(samples).__name__}")
         samples = list(samples)
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
