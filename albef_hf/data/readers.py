@@ -262,8 +262,11 @@ def _json_entries(paths: Sequence[str]) -> list[tuple[str, Any]]:
     """`(where, entry)` for every entry of json files that each hold a list (`where` is `file[position]`)."""
     entries = []
     for path in paths:
-        with open(path) as file:
-            loaded = json.load(file)
+        try:
+            with open(path, encoding="utf-8") as file:
+                loaded = json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a JSON annotation file ({error})") from error
         if not isinstance(loaded, list):
             raise ValueError(f"{path}: expected a list of annotation entries, got {type(loaded).__name__}")
         entries += [(f"{path}[{position}]", entry) for position, entry in enumerate(loaded)]
@@ -818,4 +821,11 @@ def load_named_dataset(
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
         return dataset.to_iterable_dataset() if streaming else dataset
-    return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        # datasets' builders fail on a malformed folder with whatever their code hits (IndexError on an empty
+        # metadata.jsonl, pyarrow's ArrowInvalid, DatasetGenerationError): say what was being read
+        raise ValueError(f"could not load the dataset {name!r}: {type(error).__name__}: {error}") from error
