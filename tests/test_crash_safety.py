@@ -148,3 +148,19 @@ def test_resumes_that_would_silently_differ_are_refused(straight, tmp_path):
         ValueError, match=r"config itm_weight: 1.0 -> 0.5; config mlm_probability: 0.15 -> 0.3"
     ):
         resume(trainer)
+
+
+def test_rotation_and_a_repeated_save_keep_whole_checkpoints(straight, tmp_path):
+    """save_total_limit rotates the published checkpoints; a run resumed from an older checkpoint replaces the
+    newer ones it saves again whole."""
+    output = copy_run(straight, tmp_path, steps=(2, 4, 6))
+    tiny_trainer(str(output), save_strategy="steps", save_steps=2, save_total_limit=2).train(
+        resume_from_checkpoint=str(output / "checkpoint-2")
+    )
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert not (output / INCOMPLETE_CHECKPOINTS_DIR).exists()
+    assert checkpoint_problem(output / "checkpoint-6") is None
+    assert max_difference(output / "checkpoint-6", straight / "checkpoint-6") <= 1e-6

@@ -8,6 +8,7 @@ well under a minute; the README's reliability section gives these counts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -107,7 +108,8 @@ def finite(tensor: torch.Tensor) -> bool:
 # Strategies
 # ----------------------------------------------------------------------------------------------
 
-_FOLDER = pathlib.Path(tempfile.mkdtemp(prefix="albef-fuzz-"))
+_FOLDER = pathlib.Path(tempfile.mkdtemp(prefix="albef-fuzz-"))  # image files the strategies point at
+atexit.register(shutil.rmtree, _FOLDER, True)
 
 
 def _png(width: int, height: int, data: bytes = b"") -> bytes:
@@ -136,7 +138,6 @@ FILE_CONTENTS = {
     "empty": b"",
     "text": b"a caption, not an image",
     "decompression bomb": _png(60000, 60000, zlib.compress(b"\0" * 1000)),
-    "huge header, no pixels": _png(12000, 12000),
     "0x0 png": _png(0, 0),
 }
 
