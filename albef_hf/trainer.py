@@ -12,6 +12,9 @@ Everything Trainer users know keeps working (TrainingArguments, callbacks, loggi
 - every checkpoint holds `momentum_state.safetensors` (teacher + queues) next to the model, optimizer,
   scheduler and RNG states, and the data order and per-sample augmentation are a function of
   `(seed, epoch, index)`, so `resume_from_checkpoint` continues exactly;
+- checkpoints are written under a temporary folder and renamed whole once complete, with a manifest of their
+  files and of the settings a resume must share, so a killed run resumes (`resume_from_checkpoint=True`) from its
+  newest complete checkpoint, and a resume under other settings is refused;
 - `save_model` / `push_to_hub` write the student only, with a model card that says how it was trained;
 - `evaluate()` runs the original's retrieval evaluation (ITC ranking, ITM re-ranking of the top k,
   TR/IR recall@1/5/10 and means), with the re-ranking split across processes.
