@@ -106,7 +106,14 @@ class RecordSteps(TrainerCallback):
 
 
 def run_distributed(output_dir: str) -> None:
-    trainer = tiny_trainer(output_dir, max_steps=3, queue_size=16, per_device_train_batch_size=2)
+    trainer = tiny_trainer(
+        output_dir,
+        max_steps=3,
+        queue_size=16,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer.setup_momentum()
     recorder = RecordSteps(trainer)
     trainer.add_callback(recorder)
