@@ -54,6 +54,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR,
     PredictionOutput,
@@ -909,9 +910,8 @@ class AlbefTrainer(Trainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         if self._staging_root is not None:
-            self._push_pending = (
-                True  # pushed from `checkpoint-N` once complete: the upload runs in background
-            )
+            # pushed from `checkpoint-N` once it is complete: the upload runs in the background
+            self._push_pending = True
             return
         super()._push_from_checkpoint(checkpoint_folder)
 
@@ -923,7 +923,7 @@ class AlbefTrainer(Trainer):
             best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
             if state.best_global_step == state.global_step or os.path.isdir(best):
                 state.best_model_checkpoint = best
-            state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         files = {
             os.path.relpath(os.path.join(folder, name), staged).replace(os.sep, "/"): os.path.getsize(
                 os.path.join(folder, name)

@@ -1,9 +1,11 @@
 """Crash-safe checkpoints: a training process killed at any moment resumes from its newest complete checkpoint
 exactly as an uninterrupted run continues, and resumes that would silently differ are refused."""
 
+import concurrent.futures
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 
@@ -164,3 +166,35 @@ def test_rotation_and_a_repeated_save_keep_whole_checkpoints(straight, tmp_path)
     assert not (output / INCOMPLETE_CHECKPOINTS_DIR).exists()
     assert checkpoint_problem(output / "checkpoint-6") is None
     assert max_difference(output / "checkpoint-6", straight / "checkpoint-6") <= 1e-6
+
+
+def test_a_checkpoint_is_pushed_once_complete(tmp_path, monkeypatch):
+    """hub_strategy="checkpoint" uploads in the background: it must read the published `checkpoint-N`, not the
+    folder being written (which is renamed right after)."""
+    import transformers.trainer as hf_trainer
+
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Url", (), {"repo_id": f"user/{repo_id}"})()
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, **kwargs):
+            uploads.append((path_in_repo, folder_path, sorted(os.listdir(folder_path))))
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: FakeApi())
+    output = tmp_path / "albef-tiny"
+    tiny_trainer(
+        str(output),
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        push_to_hub=True,
+        hub_strategy="checkpoint",
+    ).train()
+    pushed = [(folder, files) for path_in_repo, folder, files in uploads if path_in_repo == "last-checkpoint"]
+    assert pushed == [(str(output / "checkpoint-2"), sorted(os.listdir(output / "checkpoint-2")))]
+    assert CHECKPOINT_MANIFEST_NAME in pushed[0][1]
