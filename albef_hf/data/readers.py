@@ -244,7 +244,7 @@ class _MapStyleReader(Dataset):
                 # its own index is requested, so each bad sample counts once per epoch.
                 if offset == 0:
                     self.skip_stats.record(bad.reason, bad.detail)
-        raise RuntimeError(f"no sample of {type(self).__name__} has a readable image; {self.skip_stats}")
+        raise ValueError(f"no sample of {type(self).__name__} has a readable image; {self.skip_stats}")
 
 
 def _annotation_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -807,6 +807,28 @@ def build_image_text_dataset(
     return read_hf_dataset(dataset, **reader_kwargs)
 
 
+def _check_metadata_lines(folder: str) -> None:
+    """Every line of an image folder's ``metadata.jsonl`` files must be a JSON object: datasets reads them with
+    pyarrow, whose JSON reader crashes the process (a segmentation fault, pyarrow 26) on a file holding
+    ``null``, and fails with unclear errors on other values."""
+    for root, _, names in os.walk(folder):
+        if "metadata.jsonl" not in names:
+            continue
+        path = os.path.join(root, "metadata.jsonl")
+        with open(path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from error
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
+                    )
+
+
 def load_named_dataset(
     name: str, split: str = "train", streaming: bool = False, load_kwargs: dict[str, Any] | None = None
 ) -> Any:
@@ -821,6 +843,9 @@ def load_named_dataset(
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
         return dataset.to_iterable_dataset() if streaming else dataset
+    for folder in (name, (load_kwargs or {}).get("data_dir")):  # a folder, or "imagefolder" with data_dir
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            _check_metadata_lines(os.fspath(folder))
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
     except FileNotFoundError:
