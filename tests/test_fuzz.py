@@ -271,11 +271,26 @@ samples = st.fixed_dictionaries(
 )
 
 
+# a sample every collator accepts, so that batches mixing good and bad samples get collated and checked
+good_samples = st.fixed_dictionaries(
+    {
+        "image": good_images,
+        "images": st.lists(good_images, min_size=2, max_size=2),
+        "text": st.sampled_from(CAPTIONS),
+        "image_id": st.integers(0, 5),
+        "label": st.integers(0, 1),
+        "answers": st.lists(st.sampled_from(["red", "two", "yes"]), min_size=1, max_size=3),
+    }
+)
+
+
 @fuzz("collators")
 @given(
     name=st.sampled_from(list(COLLATORS)),
     batch=st.one_of(
-        st.lists(samples, min_size=1, max_size=4), st.lists(st.one_of(samples, junk), max_size=4), junk
+        st.lists(st.one_of(good_samples, samples), min_size=1, max_size=4),
+        st.lists(st.one_of(samples, junk), max_size=4),
+        junk,
     ),
 )
 def test_collators(name, batch):
