@@ -365,19 +365,20 @@ class AlbefPreTrainingOutput(AlbefRetrievalOutput):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_model_folder(folder: str) -> None:
+def _check_model_folder(folder: str, needs_config: bool = True) -> None:
     """Refuse a saved-model folder that cannot load, saying why (transformers would raise OSError, or the
-    safetensors reader its own error type)."""
+    safetensors reader its own error type). `needs_config`: no config object was passed to `from_pretrained`."""
     config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
+    if needs_config and not os.path.isfile(config):
         raise FileNotFoundError(f"{folder!r} has no config.json: not a saved model folder")
-    try:
-        with open(config, encoding="utf-8") as file:
-            settings = json.load(file)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config!r} is not valid JSON: {error}") from error
-    if not isinstance(settings, dict):
-        raise ValueError(f"{config!r} must hold a JSON object, got {type(settings).__name__}")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as file:
+                settings = json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config!r} is not valid JSON: {error}") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"{config!r} must hold a JSON object, got {type(settings).__name__}")
     names = os.listdir(folder)
     weights = [name for name in names if name.endswith(".safetensors")]
     if not weights and not any(name.endswith((".bin", ".index.json")) for name in names):
@@ -420,7 +421,10 @@ class AlbefPreTrainedModel(PreTrainedModel):
         folder = pretrained_model_name_or_path
         if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
             subfolder = kwargs.get("subfolder")
-            _check_model_folder(os.path.join(folder, subfolder) if subfolder else os.fspath(folder))
+            _check_model_folder(
+                os.path.join(folder, subfolder) if subfolder else os.fspath(folder),
+                needs_config=kwargs.get("config") is None,
+            )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as error:

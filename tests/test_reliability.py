@@ -1,10 +1,11 @@
-"""Reliability: corrupt samples in DataLoader workers are skipped and counted, and every pipeline gives the
-same results when 8 threads call it at once."""
+"""Reliability: corrupt samples in DataLoader workers are skipped and counted, every pipeline gives the same
+results when 8 threads call it at once, and a damaged model folder is refused with an error that says why."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import CAPTIONS, random_images, tiny_config, tiny_processor
 from trainer_helpers import tiny_trainer
 from transformers import pipeline
 
-from albef_hf import AlbefForPreTraining, AlbefForQuestionAnswering
+from albef_hf import AlbefConfig, AlbefForPreTraining, AlbefForQuestionAnswering
 from albef_hf.data.readers import AlbefJsonDataset
 from albef_hf.modeling_albef_downstream import answer_decoder_config
 
@@ -116,3 +117,28 @@ def test_every_pipeline_called_from_8_threads_gives_the_sequential_results(folde
             assert_same(sequential, concurrent)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from error
+
+
+def test_from_pretrained_names_what_is_wrong_with_a_damaged_folder(folders, tmp_path):
+    source = folders["pretraining"]
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        AlbefForPreTraining.from_pretrained(folder)
+    config = AlbefConfig.from_pretrained(source)
+    loaded = AlbefForPreTraining.from_pretrained(folder, config=config)  # a config given instead is enough
+    assert torch.equal(loaded.temp, AlbefForPreTraining.from_pretrained(source).temp)
+
+    settings = json.loads((source / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "embed_dim": 24}))
+    with pytest.raises(ValueError, match="do not have the shapes its config describes"):
+        AlbefForPreTraining.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**settings, "embed_dim": -1}))
+    with pytest.raises(ValueError, match="ALBEF embed_dim must be an integer >= 1, got -1"):
+        AlbefForPreTraining.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(settings))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="model.safetensors' is damaged or truncated"):
+        AlbefForPreTraining.from_pretrained(folder)
