@@ -6,6 +6,7 @@ BERT-base text side split into 6 text-only layers and 6 fusion layers with cross
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -53,6 +54,14 @@ class AlbefVisionConfig(PreTrainedConfig):
         attention_probs_dropout_prob: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "vision",
+            dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                 intermediate_size=intermediate_size, image_size=image_size, patch_size=patch_size,
+                 num_channels=num_channels),
+            dict(hidden_dropout_prob=hidden_dropout_prob, attention_probs_dropout_prob=attention_probs_dropout_prob),
+            dict(layer_norm_eps=layer_norm_eps),
+        )  # fmt: skip
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"vision hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -123,6 +132,15 @@ class AlbefTextConfig(PreTrainedConfig):
         mask_token_id: int = 103,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "text",
+            dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                 num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                 max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size,
+                 fusion_layer=fusion_layer),
+            dict(hidden_dropout_prob=hidden_dropout_prob, attention_probs_dropout_prob=attention_probs_dropout_prob),
+            dict(layer_norm_eps=layer_norm_eps),
+        )  # fmt: skip
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"text hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -212,6 +230,15 @@ class AlbefConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "ALBEF",
+            dict(embed_dim=embed_dim),
+            dict(mlm_probability=mlm_probability),
+            dict(temp=temp, temp_min=temp_min, temp_max=temp_max),
+        )
+        for name, weight in dict(itc_weight=itc_weight, itm_weight=itm_weight, mlm_weight=mlm_weight).items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ValueError(f"ALBEF {name} must be a finite number >= 0, got {weight!r}")
         vision_config = _as_config(vision_config, AlbefVisionConfig)
         text_config = _as_config(text_config, AlbefTextConfig)
         if image_size is not None:
@@ -250,6 +277,23 @@ class AlbefConfig(PreTrainedConfig):
     def image_size(self) -> int:
         """Side of the square input image in pixels."""
         return self.vision_config.image_size
+
+
+def _check_numbers(
+    what: str, integers: dict[str, Any], fractions: dict[str, Any], positive: dict[str, Any]
+) -> None:
+    """Refuse config values that could only fail later, deep inside torch, with an unclear error (a config.json
+    edited by hand or damaged): `integers` must be ints >= 1 (layer counts and indices: >= 0), `fractions`
+    numbers in [0, 1], `positive` numbers > 0."""
+    for name, value in integers.items():
+        lowest = 0 if name in ("num_hidden_layers", "fusion_layer") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{what} {name} must be an integer >= {lowest}, got {value!r}")
+    for name, value in {**fractions, **positive}.items():
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or (value <= 0 if name in positive else not 0 <= value <= 1):
+            bound = "> 0" if name in positive else "in [0, 1]"
+            raise ValueError(f"{what} {name} must be a finite number {bound}, got {value!r}")
 
 
 def _as_config(value: PreTrainedConfig | dict | None, cls: type[PreTrainedConfig]) -> PreTrainedConfig:

@@ -7,15 +7,18 @@ names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -365,6 +368,32 @@ class AlbefPreTrainingOutput(AlbefRetrievalOutput):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_model_folder(folder: str, needs_config: bool = True) -> None:
+    """Refuse a saved-model folder that cannot load, saying why (transformers would raise OSError, or the
+    safetensors reader its own error type). `needs_config`: no config object was passed to `from_pretrained`."""
+    config = os.path.join(folder, "config.json")
+    if needs_config and not os.path.isfile(config):
+        raise FileNotFoundError(f"{folder!r} has no config.json: not a saved model folder")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as file:
+                settings = json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config!r} is not valid JSON: {error}") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"{config!r} must hold a JSON object, got {type(settings).__name__}")
+    names = os.listdir(folder)
+    weights = [name for name in names if name.endswith(".safetensors")]
+    if not weights and not any(name.endswith((".bin", ".index.json")) for name in names):
+        raise FileNotFoundError(f"{folder!r} has no weights file (model.safetensors)")
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass  # opening reads and checks the header against the file's size
+        except SafetensorError as error:
+            raise ValueError(f"{os.path.join(folder, name)!r} is damaged or truncated: {error}") from error
+
+
 class AlbefPreTrainedModel(PreTrainedModel):
     """Weight initialisation, attention back-ends and the encoders shared by every ALBEF model."""
 
@@ -382,6 +411,32 @@ class AlbefPreTrainedModel(PreTrainedModel):
         # transformers resolves the attention implementation (SDPA by default) on the top-level config only, but the
         # encoders read it from their sub-configs: hand it down, or they would silently run eager.
         self.config._attn_implementation = self.config._attn_implementation
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, with clear errors for a damaged local folder.
+
+        Raises:
+            FileNotFoundError: the folder has no config.json or no weights file.
+            ValueError: config.json is not a JSON object, a safetensors file is truncated or damaged, or the
+                weights do not have the shapes the config describes.
+        """
+        folder = pretrained_model_name_or_path
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            subfolder = kwargs.get("subfolder")
+            _check_model_folder(
+                os.path.join(folder, subfolder) if subfolder else os.fspath(folder),
+                needs_config=kwargs.get("config") is None,
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"the weights in {os.fspath(folder)!r} do not have the shapes its config describes (an edited or "
+                "damaged config.json?); the report above lists them"
+            ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -255,6 +255,11 @@ BAD_PAIRS = [
     (([], "a dog"), "empty list of images"),
     ((random_images(1)[0], None), "got no text for the images"),
     (
+        (np.full((8, 8, 3), np.nan, np.float32), "a dog"),
+        "the image array holds 192 NaN and 0 infinite",
+    ),
+    ((torch.full((3, 8, 8), float("inf")), "a dog"), "the image array holds 0 NaN and 192 infinite"),
+    (
         (3.5, "a dog"),
         "image 0: expected a PIL image, a numpy array, a torch tensor, a path or a URL, got float",
     ),
