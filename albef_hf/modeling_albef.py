@@ -18,9 +18,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
-from .configuration_albef import AlbefConfig, AlbefVisionConfig
+from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .losses import (
     contrastive_targets,
     distilled_targets,
@@ -36,6 +36,8 @@ from .modeling_albef_text import (
     AlbefTextModel,
     attention_forward,
 )
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "AlbefForImageTextRetrieval",
@@ -78,16 +80,40 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     return torch.cat([cls_pos, grid], dim=1)
 
 
+class AlbefConvStemLayer(nn.Module):
+    """A 3x3 convolution of stride 2, GroupNorm (one group: no batch statistics to keep) and GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.GroupNorm(1, out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(pixels)))
+
+
 class AlbefPatchEmbed(nn.Module):
-    """Non-overlapping patches projected by a strided convolution."""
+    """Non-overlapping patches projected by a strided convolution, after an optional convolutional stem.
+
+    Without `config.conv_stem_channels` this is ViT's patch embedding (`proj`, the only parameters). With it,
+    `stem` halves the resolution per layer and `proj` covers the remaining `patch_size / 2**n` pixels, so the
+    tokens are the same grid as without a stem.
+    """
 
     def __init__(self, config: AlbefVisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        channels = [config.num_channels, *(config.conv_stem_channels or [])]
+        if config.conv_stem_channels:
+            self.stem = nn.Sequential(
+                *(AlbefConvStemLayer(a, b) for a, b in zip(channels[:-1], channels[1:], strict=True))
+            )
+        stride = config.patch_size // 2 ** (len(channels) - 1)
+        self.proj = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=stride, stride=stride)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "stem"):
+            pixel_values = self.stem(pixel_values)
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -492,30 +518,48 @@ class AlbefPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_vision_text_pretrained(
         cls,
-        vision_path: str,
-        text_path: str,
+        vision_path: str | os.PathLike | None = None,
+        text_path: str | os.PathLike | None = None,
         fusion_layer: int | None = None,
         image_size: int | None = None,
         output_loading_info: bool = False,
+        vision_config: AlbefVisionConfig | dict | None = None,
+        text_config: AlbefTextConfig | dict | None = None,
         **config_kwargs,
     ):
-        """Build this ALBEF model from a saved transformers ViT and a saved BERT (folders or Hub ids).
+        """Build this ALBEF model from a saved transformers ViT and/or a saved BERT (folders or Hub ids).
 
         The BERT's first `fusion_layer` layers (default: half of them) become the text encoder; the following
         layers' self-attention and feed-forward become the fusion layers, whose cross-attention is new; a
         masked-LM head initialises `mlm_head` when the BERT checkpoint has one. Position embeddings are resized
         when `image_size` differs from the ViT's. `config_kwargs` go to `AlbefConfig` (e.g. `embed_dim`).
 
+        Either tower may be left out (`None`): it is then built new from `vision_config` / `text_config` (its
+        sizes; default ViT-B/16 / BERT-base), as when a pretrained BERT meets a vision tower trained from scratch.
+        A configuration for a tower that comes from a checkpoint is refused: the checkpoint fixes it.
+
         Returns:
             The model, or `(model, TowerLoadingReport)` with `output_loading_info=True`; the report lists the
-            tensors copied from each tower and those newly initialised (also logged).
+            tensors copied from each tower and those newly initialised (its summary is logged when the report is
+            not returned). A task model built from this one by `from_pretrained_albef` reports the weights that
+            started new here as newly initialised, not as copied.
         """
         from .pretrained_towers import build_from_towers
 
         model, report = build_from_towers(
-            cls, vision_path, text_path, fusion_layer, image_size, **config_kwargs
+            cls,
+            vision_path,
+            text_path,
+            fusion_layer,
+            image_size,
+            vision_config=vision_config,
+            text_config=text_config,
+            **config_kwargs,
         )
-        return (model, report) if output_loading_info else model
+        if output_loading_info:
+            return model, report
+        logger.warning("%s", report)
+        return model
 
     def _build_encoders(self, config: AlbefConfig) -> None:
         self.vision_model = AlbefVisionModel(config.vision_config)

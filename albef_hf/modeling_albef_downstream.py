@@ -256,7 +256,9 @@ class AlbefTaskModel(AlbefPreTrainedModel):
 
         Returns:
             The model, or `(model, report)` with `output_loading_info=True`; `print(report)` lists, module by
-            module, what was copied, duplicated, interpolated and newly initialised (its summary is also logged).
+            module, what was copied, duplicated, interpolated and newly initialised (its summary is logged when
+            the report is not returned). Weights that the source model itself started new (see
+            `from_vision_text_pretrained`) count as newly initialised, not as copied.
         """
         source_model = _read_source(source, **(load_kwargs or {}))
         config = cls._task_config(source_model, image_size, **config_kwargs)
@@ -265,8 +267,10 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         report.source = type(source_model).__name__ + (
             "" if isinstance(source, nn.Module) else f" ({source})"
         )
+        if output_loading_info:
+            return model, report
         logger.warning("%s.from_pretrained_albef %s", cls.__name__, report.summary())
-        return (model, report) if output_loading_info else model
+        return model
 
     @classmethod
     def _task_config(
@@ -292,11 +296,17 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         plan = {key: self._source_key(key, source) for key in self.state_dict()}
         uses = Counter(plan.values())
         report = AlbefInitReport()
+        # weights the source itself started fresh (a tower built new by from_vision_text_pretrained, its MLM head
+        # when the BERT had none) are not pretrained: they are reported as new, and this model keeps its own
+        source_new = getattr(source, "newly_initialized_keys", frozenset())
         for key, target in self.state_dict(keep_vars=True).items():
             source_key = plan[key]
             value = source_state.get(source_key)
             if value is None:
                 report.initialized[key] = "not in the source"
+                continue
+            if source_key in source_new:
+                report.initialized[key] = "newly initialised in the source"
                 continue
             kind = report.duplicated if uses[source_key] > 1 else report.copied
             if value.shape != target.shape and key.endswith("vision_model.pos_embed"):
