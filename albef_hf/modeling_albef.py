@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
@@ -405,6 +406,23 @@ class AlbefPreTrainedModel(PreTrainedModel):
         # transformers resolves the attention implementation (SDPA by default) on the top-level config only, but the
         # encoders read it from their sub-configs: hand it down, or they would silently run eager.
         self.config._attn_implementation = self.config._attn_implementation
+
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Run every attention of the model with `"eager"` or `"sdpa"` (`"flash_attention_*"` where installed).
+
+        transformers' own method would warn, once per sub-config, that it cannot check the sub-models ("You may
+        encounter undefined behavior"): ALBEF's encoders are plain modules reading their sub-configs, and every
+        one of them supports both implementations, so the implementation is set on the configs directly.
+        """
+        if isinstance(attn_implementation, dict) or attn_implementation not in (
+            "eager",
+            *ALL_ATTENTION_FUNCTIONS.valid_keys(),
+        ):
+            raise ValueError(
+                f"attn_implementation must be 'eager' or one of {sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())} "
+                f"(one for every encoder), got {attn_implementation!r}"
+            )
+        self.config._attn_implementation = attn_implementation
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import BertTokenizerFast, HfArgumentParser
 
@@ -86,6 +87,13 @@ class ModelArguments:
         default=None, metadata={"help": "Training resolution (default: the model's)."}
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest text in tokens (with [CLS])."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention: 'eager', 'sdpa', or 'auto' (default): eager on a CPU, where torch's SDPA kernels are "
+            "slower at ALBEF's short sequences (see benchmarks/bench_attention.py), SDPA elsewhere."
+        },
+    )
     original_tokenization: bool = field(
         default=False,
         metadata={"help": "Encode '[CLS] tokens' without [SEP], as the original (converted checkpoints)."},
@@ -193,8 +201,21 @@ class TaskDataArguments:
             "(fields and defaults: albef_hf.data.downstream.TASK_COLUMNS)."
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N samples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N samples."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on N samples: the first N, or N drawn at random with --sample_seed."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on N samples: the first N, or N drawn at random with --sample_seed."},
+    )
+    sample_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draw the --max_train_samples / --max_eval_samples at random with this seed (the same subset "
+            "in every run) instead of taking the first ones, which are often not typical of a file."
+        },
+    )
     synthetic_train_items: int = field(
         default=4000, metadata={"help": "Samples of the synthetic world's training split."}
     )
@@ -341,14 +362,24 @@ def build_model(model_class: type, model_args: ModelArguments) -> Any:
     if model_args.model_name_or_path:
         config = AlbefConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path)
         config = apply_config_overrides(config, model_args.config_overrides)
-        return model_class.from_pretrained(model_args.model_name_or_path, config=config)
-    if model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
-        return _build_from_towers(model_class, model_args)
-    config = AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
-    config = apply_config_overrides(config, model_args.config_overrides)
-    if model_args.image_size and model_args.image_size != config.image_size:
-        config = AlbefConfig(**{**config.to_dict(), "image_size": model_args.image_size})
-    return model_class(config)
+        model = model_class.from_pretrained(model_args.model_name_or_path, config=config)
+    elif model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+        model = _build_from_towers(model_class, model_args)
+    else:
+        config = (
+            AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
+        )
+        config = apply_config_overrides(config, model_args.config_overrides)
+        if model_args.image_size and model_args.image_size != config.image_size:
+            config = AlbefConfig(**{**config.to_dict(), "image_size": model_args.image_size})
+        model = model_class(config)
+    return _with_attention(model, model_args)
+
+
+def _with_attention(model: Any, model_args: ModelArguments) -> Any:
+    """The model with --attn_implementation ("auto" is resolved to the device's by `parse_arguments`)."""
+    model.set_attn_implementation(resolve_attention(model_args.attn_implementation, model.device))
+    return model
 
 
 def build_tokenizer(name: str) -> Any:
@@ -461,7 +492,21 @@ def parse_arguments(dataclass_types: tuple[type, ...], argv: list[str] | None = 
         parsed = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(parsed[-1])
     transformers.set_seed(parsed[-1].seed)
+    for arguments in parsed:
+        if isinstance(arguments, ModelArguments):
+            arguments.attn_implementation = resolve_attention(
+                arguments.attn_implementation, parsed[-1].device
+            )
     return tuple(parsed)
+
+
+def resolve_attention(name: str, device: Any) -> str:
+    """`"auto"` -> eager on a CPU, SDPA elsewhere; `"eager"` / `"sdpa"` as they are."""
+    if name == "auto":
+        return "eager" if torch.device(device).type == "cpu" else "sdpa"
+    if name not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be 'auto', 'eager' or 'sdpa', got {name!r}")
+    return name
 
 
 def build_task_model(
@@ -484,7 +529,7 @@ def build_task_model(
         config = AlbefConfig.from_pretrained(path)
         if (config.architectures or [None])[0] == model_class.__name__:
             logger.warning("loading the %s checkpoint %s as it is", model_class.__name__, path)
-            return model_class.from_pretrained(path)
+            return _with_attention(model_class.from_pretrained(path), model_args)
         source = path
     else:
         source = build_model(AlbefForPreTraining, model_args)
@@ -496,7 +541,7 @@ def build_task_model(
         **(config_kwargs(config) if config_kwargs else {}),
     )
     print(f"{model_class.__name__} {report}", flush=True)
-    return model
+    return _with_attention(model, model_args)
 
 
 def _column_names(text: str | None) -> dict[str, str]:
@@ -554,7 +599,11 @@ def read_task_data(
         )
     else:
         return None
-    return dataset.head(count) if count is not None else dataset
+    if count is None:
+        return dataset
+    return (
+        dataset.head(count) if data_args.sample_seed is None else dataset.sample(count, data_args.sample_seed)
+    )
 
 
 def build_transform(data_args: Any, image_size: int, crop: str = "finetune") -> Any:

@@ -260,6 +260,25 @@ def test_run_vqa_with_a_pretrained_text_tower_and_a_vision_tower_from_scratch(
     assert config.vision_config.conv_stem_channels == [4, 8] and config.text_config.hidden_size == 24
 
 
+@pytest.mark.parametrize("attention", [None, "sdpa"])
+def test_the_attention_flag_and_a_random_eval_sample_reach_the_run(tmp_path, model_files, attention):
+    out = tmp_path / "out"
+    flag = ["--attn_implementation", attention] if attention else []
+    trainer = load_script("run_ve").main(
+        synthetic_task_args(
+            model_files, out, "--max_steps", "1", "--max_eval_samples", "3", "--sample_seed", "0", *flag
+        )
+    )
+    config = trainer.model.config
+    expected = attention or "eager"  # "auto" on a CPU
+    assert {config.vision_config._attn_implementation, config.text_config._attn_implementation} == {expected}
+    assert len(trainer.eval_dataset) == 3
+    sampled = [trainer.eval_dataset.fields(i)["text"] for i in range(3)]
+    first = load_script("run_ve").main(synthetic_task_args(model_files, tmp_path / "first", "--max_steps", "1",
+                                                           "--max_eval_samples", "3"))  # fmt: skip
+    assert sampled != [first.eval_dataset.fields(i)["text"] for i in range(3)]
+
+
 def test_config_overrides_of_a_pretrained_tower_fail_loudly(tmp_path, model_files, plain_bert):
     args = common_args(
         model_files, tmp_path, "--text_model_name_or_path", str(plain_bert), "--config_overrides"
