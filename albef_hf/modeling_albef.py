@@ -560,7 +560,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
             The model, or `(model, TowerLoadingReport)` with `output_loading_info=True`; the report lists the
             tensors copied from each tower and those newly initialised (its summary is logged when the report is
             not returned). A task model built from this one by `from_pretrained_albef` reports the weights that
-            started new here as newly initialised, not as copied.
+            started new here, and have not changed since (by training or loading), as newly initialised.
         """
         from .pretrained_towers import build_from_towers
 

@@ -296,9 +296,11 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         plan = {key: self._source_key(key, source) for key in self.state_dict()}
         uses = Counter(plan.values())
         report = AlbefInitReport()
-        # weights the source itself started fresh (a tower built new by from_vision_text_pretrained, its MLM head
-        # when the BERT had none) are not pretrained: they are reported as new, and this model keeps its own
-        source_new = getattr(source, "newly_initialized_keys", frozenset())
+        # weights the source itself started fresh and has not changed since (a tower built new by
+        # from_vision_text_pretrained, its MLM head when the BERT had none) are not pretrained: they are reported
+        # as new, and this model keeps its own
+        fresh_versions = getattr(source, "newly_initialized_versions", {})
+        source_new = {key for key, version in fresh_versions.items() if source_state[key]._version == version}
         for key, target in self.state_dict(keep_vars=True).items():
             source_key = plan[key]
             value = source_state.get(source_key)

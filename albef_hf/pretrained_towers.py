@@ -295,6 +295,8 @@ def build_from_towers(
         vision_source=None if vision_path is None else str(vision_path),
         text_source=None if text_path is None else str(text_path),
     )
-    # What a task model built from this one (`from_pretrained_albef`) must not report as pretrained.
-    model.newly_initialized_keys = frozenset(report.newly_initialized)
+    # What a task model built from this one (`from_pretrained_albef`) must not report as pretrained, as long as it
+    # is untouched: a tensor's version counter moves with every in-place change (an optimizer step, a load).
+    state = model.state_dict()
+    model.newly_initialized_versions = {key: state[key]._version for key in report.newly_initialized}
     return model, report

@@ -246,3 +246,15 @@ def test_a_plain_bert_loads_without_misleading_warnings_or_reports(tmp_path, tow
         "text_encoder.encoder.layer.0.attention.self.query.weight"
     )
     assert not torch.equal(vqa.answer_head.transform.dense.weight, model.mlm_head.transform.dense.weight)
+
+
+def test_weights_trained_after_the_towers_were_built_count_as_pretrained(tmp_path, towers):
+    _, _, root = towers
+    model = AlbefForPreTraining.from_vision_text_pretrained(None, root / "bert", vision_config=TINY_VISION)
+    assert "vision_model.cls_token" in model.newly_initialized_versions
+    train_one_step(model)
+    vqa, report = AlbefForQuestionAnswering.from_pretrained_albef(model, output_loading_info=True)
+    assert report.copied["vision_model.blocks.0.attn.qkv.weight"] == "vision_model.blocks.0.attn.qkv.weight"
+    assert torch.equal(
+        vqa.vision_model.blocks[0].attn.qkv.weight, model.vision_model.blocks[0].attn.qkv.weight
+    )
