@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
+from . import hub
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import (
     AlbefGradCamOutput,
@@ -61,7 +62,7 @@ from .modeling_albef_downstream import (
     AlbefTextAssignmentOutput,
     answer_decoder_config,
 )
-from .pipelines_albef import (
+from .pipelines import (
     AlbefFeatureExtractionPipeline,
     AlbefImageTextMatchingPipeline,
     AlbefImageTextRetrievalPipeline,
@@ -142,6 +143,7 @@ def _register() -> None:
     AlbefImageProcessor.register_for_auto_class("AutoImageProcessor")
     AlbefProcessor.register_for_auto_class("AutoProcessor")
     _register_pipelines()
+    hub.extend()
 
 
 # The tasks albef_hf serves with `pipeline()` and their pipelines; each pipeline names the ALBEF classes whose

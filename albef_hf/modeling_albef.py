@@ -8,15 +8,18 @@ names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions
 from __future__ import annotations
 
 import os
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -449,7 +452,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
         - every ALBEF Auto class of this module goes in `auto_map` (transformers records only the saved model's
           own), so that a folder written by one ALBEF model loads as any other with `trust_remote_code`;
         - the pipelines this model serves go in `config.custom_pipelines` (loading the folder with this model's
-          own Auto class) and their code is copied next to the model's.
+          own Auto class) and their code is copied next to the model's (flattened: see `_save_flat_code`).
 
         With `push_to_hub=True` the folder is uploaded once it is complete (`repo_id`, `commit_message`,
         `private`, `token`, `revision`, `create_pr` as in `push_to_hub`).
@@ -475,11 +478,10 @@ class AlbefPreTrainedModel(PreTrainedModel):
             # the declaration is for the folder; in memory this package's registry serves the tasks
             self.config.__dict__.pop("custom_pipelines", None)
         if is_main_process:
-            for pipeline_class in dict.fromkeys(pipelines.values()):
-                custom_object_save(pipeline_class, save_directory)
+            _save_flat_code(
+                [sys.modules[cls.__module__].__file__ for cls in pipelines.values()], save_directory
+            )
         if push_to_hub and is_main_process:
-            from .hub import upload_folder
-
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             upload_folder(save_directory, repo_id, **hub_kwargs)
 
@@ -490,48 +492,6 @@ class AlbefPreTrainedModel(PreTrainedModel):
             for task, cls in AlbefPreTrainedModel.folder_pipelines.items()
             if name in getattr(cls, "checkpoint_classes", ())
         }
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        processor=None,
-        model_card=None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Upload this model, its `processor` and an ALBEF model card to the Hub repository `repo_id`, in one
-        commit (transformers' version would write a generic card).
-
-        Args:
-            processor: the `AlbefProcessor` to upload with the model.
-            model_card: an `albef_hf.modelcard.AlbefCardInfo` (or a `huggingface_hub.ModelCard`); by default a
-                card is built from this model's task and class.
-            tags: more Hub tags for the default card.
-            others: as in transformers' `push_to_hub`.
-        """
-        from .hub import push_to_hub
-
-        return push_to_hub(
-            repo_id,
-            model=self,
-            processor=processor,
-            model_card=model_card,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            max_shard_size=max_shard_size,
-            tags=tags,
-        )
 
     @classmethod
     def from_vision_text_pretrained(
@@ -1223,6 +1183,34 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
 
 
+def upload_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api: HfApi | None = None,
+):
+    """Upload every file of `folder` to `repo_id` (created when missing; `revision` is a branch, created when
+    missing) in one commit; returns the `CommitInfo`. `save_pretrained(push_to_hub=True)` uploads with it, and
+    the Hub layer (`albef_hf.hub`) too."""
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message or "Upload with albef-hf",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
 def _module_auto_map(model_class: type) -> dict[str, str]:
     module = model_class.__module__
     auto_map = {"AutoConfig": f"{AlbefConfig.__module__.split('.')[-1]}.{AlbefConfig.__name__}"}
@@ -1232,6 +1220,35 @@ def _module_auto_map(model_class: type) -> dict[str, str]:
     if "AutoModel" in auto_map:  # the base model also serves zero-shot image classification
         auto_map["AutoModelForZeroShotImageClassification"] = auto_map["AutoModel"]
     return auto_map
+
+
+# `from .name import` and `from ..name import` statements (at any indentation), as transformers finds relative imports
+_RELATIVE_IMPORT = re.compile(r"^([ \t]*)from\s+(\.{1,2})(\w+)\s+import", flags=re.MULTILINE)
+
+
+def _save_flat_code(module_files: list[str], folder: str | os.PathLike) -> None:
+    """Copy `module_files` and every module they import relatively (recursively) into `folder`, flat.
+
+    A folder's remote code is one flat directory (transformers resolves `module.Class` references and single-dot
+    imports there), while the pipelines sit in a subpackage that imports albef_hf's modules as `from ..name`:
+    the copies import them as neighbours, `from .name`.
+
+    Raises:
+        ValueError: when two modules would land on one file name.
+    """
+    sources: dict[str, Path] = {}
+    pending = [Path(file) for file in module_files]
+    while pending:
+        path = pending.pop()
+        if sources.setdefault(path.name, path) != path:
+            raise ValueError(f"{path} and {sources[path.name]} would both be saved as {path.name}")
+        for _, dots, name in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8")):
+            imported = (path.parent if dots == "." else path.parent.parent) / f"{name}.py"
+            if imported not in sources.values() and imported not in pending:
+                pending.append(imported)
+    for name, path in sources.items():
+        code = _RELATIVE_IMPORT.sub(r"\1from .\3 import", path.read_text(encoding="utf-8"))
+        Path(folder, name).write_text(code, encoding="utf-8")
 
 
 def _subclasses(cls: type) -> list[type]:

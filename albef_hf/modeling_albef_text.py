@@ -32,6 +32,7 @@ __all__ = [
     "AlbefMLMHead",
     "AlbefTextEncoderOutput",
     "AlbefTextModel",
+    "TokenPacking",
     "apply_dropout",
     "attention_forward",
     "padding_mask",
@@ -63,6 +64,38 @@ def padding_mask(attention_mask: torch.Tensor | None, causal: bool = False, quer
         causal_mask = rows >= torch.arange(key_length, device=device)[None, :]
         mask = causal_mask[None, None] if mask is None else mask & causal_mask[None, None]
     return mask
+
+
+@dataclass
+class TokenPacking:
+    """The real (non-padding) tokens of a padded `(batch, seq_len)` text batch, packed into one row each.
+
+    In training, the linear layers of the text and fusion layers run on the packed `(num_tokens, hidden)` states,
+    so padding costs no compute (captions of a batch differ in length: the synthetic world's average 60% of the
+    longest); attention unpacks its queries, keys and values to `(batch, seq_len)` with zeros at the padding, which
+    the attention mask hides. Real tokens get the same states as in a padded pass.
+    """
+
+    index: torch.Tensor
+    batch_size: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor | None) -> TokenPacking | None:
+        """The packing of `attention_mask` (1 = token), or None when there is no padding to skip."""
+        if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+            return None
+        index = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(index, attention_mask.shape[0], attention_mask.shape[1])
+
+    def pack(self, states: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq_len, width)` -> `(num_tokens, width)`."""
+        return states.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(num_tokens, width)` -> `(batch, seq_len, width)`, zeros at the padding."""
+        full = packed.new_zeros(self.batch_size * self.seq_len, packed.shape[-1])
+        return full.index_copy(0, self.index, packed).view(self.batch_size, self.seq_len, -1)
 
 
 def apply_dropout(hidden: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -216,13 +249,21 @@ class AlbefTextSelfAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self._heads(self.query(hidden_states))
-        key, value = self._cached_key_value(
-            hidden_states if key_value_states is None else key_value_states, cache
-        )
+        unpack = packing.unpack if packing is not None else (lambda states: states)
+        query = self._heads(unpack(self.query(hidden_states)))
+        if packing is not None and key_value_states is None:
+            key, value = (
+                self._heads(unpack(self.key(hidden_states))),
+                self._heads(unpack(self.value(hidden_states))),
+            )
+        else:
+            key, value = self._cached_key_value(
+                hidden_states if key_value_states is None else key_value_states, cache
+            )
         group = _group_size(key_value_index, key.shape[0]) if key_value_index is not None else None
-        if group is not None and query.shape[2] == 1 and not output_attentions:
+        if group is not None and query.shape[2] == 1 and packing is None and not output_attentions:
             # one-token rows, `group` consecutive ones per key row (VQA candidates of one question): they attend as
             # the `group` queries of one sequence, without a copy of the keys/values per row
             return self._attend_grouped(query, key, value, attention_mask, group), None
@@ -240,7 +281,8 @@ class AlbefTextSelfAttention(nn.Module):
             self.dropout_prob if self.training else 0.0,
             output_attentions,
         )
-        return output.reshape(*hidden_states.shape[:-1], -1), probs
+        output = output.reshape(*output.shape[:2], -1)
+        return (output if packing is None else packing.pack(output)), probs
 
     def _attend_grouped(
         self,
@@ -309,9 +351,16 @@ class AlbefTextAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.self(
-            hidden_states, attention_mask, key_value_states, output_attentions, cache, key_value_index
+            hidden_states,
+            attention_mask,
+            key_value_states,
+            output_attentions,
+            cache,
+            key_value_index,
+            packing,
         )
         return self.output(attended, hidden_states), probs
 
@@ -350,9 +399,10 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
+        packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         hidden_states, self_probs = self.attention(
-            hidden_states, attention_mask, None, output_attentions, cache=cache
+            hidden_states, attention_mask, None, output_attentions, cache=cache, packing=packing
         )
         cross_probs = None
         if self.has_cross_attention:
@@ -367,6 +417,7 @@ class AlbefTextLayer(GradientCheckpointingLayer):
                 output_attentions,
                 cache=cache,
                 key_value_index=encoder_index,
+                packing=packing,
             )
         return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
 
@@ -459,6 +510,9 @@ class AlbefTextModel(nn.Module):
             output_hidden_states: return the input of every layer that ran and the final output.
             cache: incremental decoding (`config.is_decoder` only): `input_ids` are the tokens after the cached ones;
                 `attention_mask`, when given, covers the cached and the new tokens.
+
+        In training mode (without a cache, attention maps or hidden states asked for), the layers compute only the
+        real tokens (`TokenPacking`): the output is zero at padding positions, and equal elsewhere.
         """
         layers = self._layer_range(mode)
         past_length = 0
@@ -486,6 +540,13 @@ class AlbefTextModel(nn.Module):
             image_masks = [mask if mask is None else mask[encoder_index] for mask in image_masks]
         image_masks = [padding_mask(mask) for mask in image_masks]
 
+        # in training, skip the padding (nothing reads its states: attention masks it, no loss looks at it)
+        packing = None
+        if self.training and cache is None and not (output_attentions or output_hidden_states):
+            packing = TokenPacking.of(attention_mask)
+        if packing is not None:
+            hidden_states = packing.pack(hidden_states)
+
         all_hidden = [] if output_hidden_states else None
         all_self, all_cross = ([], []) if output_attentions else (None, None)
         for index in layers:
@@ -504,6 +565,7 @@ class AlbefTextModel(nn.Module):
                 output_attentions=output_attentions,
                 cache=cache,
                 encoder_index=encoder_index,
+                packing=packing,
             )
             if output_attentions:
                 all_self.append(self_probs)
@@ -511,6 +573,8 @@ class AlbefTextModel(nn.Module):
                     all_cross.append(cross_probs)
         if output_hidden_states:
             all_hidden.append(hidden_states)
+        if packing is not None:
+            hidden_states = packing.unpack(hidden_states)
         return AlbefTextEncoderOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,

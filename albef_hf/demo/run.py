@@ -142,8 +142,14 @@ def training_arguments(demo: DemoConfig) -> AlbefTrainingArguments:
     )
 
 
-def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProcessor) -> AlbefTrainer:
-    """Pretrain a fresh model on the world's training pairs with `AlbefTrainer`; returns the trainer."""
+def pretrain(
+    demo: DemoConfig,
+    world: SyntheticWorldConfig,
+    processor: AlbefProcessor,
+    callbacks: tuple[TrainerCallback, ...] = (),
+) -> AlbefTrainer:
+    """Pretrain a fresh model on the world's training pairs with `AlbefTrainer` (with extra `callbacks`);
+    returns the trainer."""
     model = build_model(demo, processor.tokenizer)
     args = training_arguments(demo)
     budget = _TimeBudget(None if demo.time_budget_minutes is None else demo.time_budget_minutes * demo.scale)
@@ -153,7 +159,7 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
         data_collator=AlbefPretrainingCollator(processor, max_length=demo.max_length),
         train_dataset=SyntheticPairs(world, demo.train_images, demo.seed),
         processing_class=processor,
-        callbacks=[budget],
+        callbacks=[budget, *callbacks],
     )
     trainer.train()
     trainer.stopped_by_time_budget = budget.stopped_at is not None
