@@ -73,7 +73,7 @@ from .pipelines import (
     checkpoint_loader,
 )
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
-from .retrieval_index import AlbefRetrievalIndex
+from .retrieval_index import AlbefRetrievalIndex, build_retrieval_index
 
 __version__ = "0.1.0"
 
@@ -111,6 +111,7 @@ __all__ = [
     "AlbefVisualQuestionAnsweringPipeline",
     "answer_decoder_config",
     "box_iou",
+    "build_retrieval_index",
     "gradcam_itc",
     "gradcam_itm",
     "grounding_accuracy",

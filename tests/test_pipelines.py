@@ -365,7 +365,9 @@ def test_an_index_saves_loads_and_is_checked(retriever, folders, image_files, tm
     assert len(expected) == 3 and expected[0]["id"] in index.ids
     index.save(tmp_path / "index")
     loaded = AlbefRetrievalIndex.load(tmp_path / "index")
-    assert loaded.ids == index.ids and torch.equal(loaded.embeds, index.embeds)
+    everything = torch.arange(len(index))
+    assert loaded.ids == index.ids and torch.equal(loaded.features, index.features)
+    assert torch.equal(loaded.item_tokens(everything)[0], index.item_tokens(everything)[0])
     fresh = pipeline("image-text-retrieval", model=str(folders["retrieval"]), index=str(tmp_path / "index"))
     assert fresh("a red circle", top_k=3) == expected
     assert retriever("a red circle", index=loaded, top_k=3) == expected

@@ -316,25 +316,28 @@ class AlbefAppService:
     ) -> tuple[AlbefRetrievalIndex, AlbefRetrievalIndex | None]:
         retriever, gallery = self.pipelines["image-text-retrieval"], self.gallery
         images, count, chunk = gallery.images, len(gallery.images), 64
+        config = retriever.model.config
+        image_index = AlbefRetrievalIndex(
+            "image", config.embed_dim, config.vision_config.hidden_size, model_name=self.name or None
+        )
         # the image index is built in chunks so that the page can show progress; each chunk's features depend on
-        # its images only, so the concatenation is the index of the whole gallery
-        parts = []
+        # its images only, so adding the chunks one after the other gives the index of the whole gallery
         for start in range(0, count, chunk):
             progress(start / count, f"indexing images {start}/{count}")
             with self._lock:
-                parts.append(retriever.build_index(images=images[start : start + chunk], batch_size=chunk))
-        image_index = AlbefRetrievalIndex(
-            modality="image",
-            features=torch.cat([part.features for part in parts]),
-            embeds=torch.cat([part.embeds for part in parts]),
-            ids=list(gallery.names),
-            model_name=self.name or None,
-        )
+                part = retriever.build_index(
+                    images=images[start : start + chunk], batch_size=chunk, progress=False
+                )
+            image_index.add(
+                part.features,
+                part.item_tokens(torch.arange(len(part)))[0],
+                ids=list(gallery.names[start : start + chunk]),
+            )
         caption_index = None
         if gallery.captions:
             progress(1.0, f"indexing {len(gallery.captions)} captions")
             with self._lock:
-                caption_index = retriever.build_index(texts=gallery.captions)
+                caption_index = retriever.build_index(texts=gallery.captions, progress=False)
         return image_index, caption_index
 
     def search_images(self, text: str, top_k: int = 5) -> list[dict[str, Any]]:

@@ -3,13 +3,14 @@ re-ranking)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..retrieval_index import AlbefRetrievalIndex
+from ..retrieval_index import AlbefRetrievalIndex, build_retrieval_index
 from .base import (
     AlbefPipeline,
     _as_list,
@@ -70,11 +71,22 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
         ids: Sequence[str | int] | None = None,
         batch_size: int | None = None,
         timeout: float | None = None,
+        directory: str | os.PathLike | None = None,
+        chunk_size: int = 4096,
+        progress: bool = True,
+        **index_options: Any,
     ) -> AlbefRetrievalIndex:
         """Encode a gallery of `images` or of `texts` in batches of `batch_size` (the pipeline's, else 32).
 
         The index also becomes this pipeline's default index. `ids` name the items (default: the path of an image
-        given as a path, else its position).
+        given as a path, else its position). With a `directory` the build writes there in chunks of `chunk_size`
+        items, continues after the finished chunks when run again, and under `torchrun` / `accelerate launch`
+        (with a process group) shares the chunks between the processes (see `build_retrieval_index`).
+
+        Args:
+            **index_options: `index_type` ("flat", exact, the default; "hnsw", "ivf", "ivfpq"), `token_dtype`
+                (default: torch.float32 in memory, torch.float16 in a `directory`), `store_tokens` (False: keep
+                the image paths or texts and encode the shortlist again at query time), `nprobe`, `ef_search`.
 
         Raises:
             ValueError: for no gallery or both, an empty one, a bad item or `ids` of another length.
@@ -84,36 +96,49 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
         modality = "image" if images is not None else "text"
         items = _as_list(images if images is not None else texts, f"{modality}s")
         for position, item in enumerate(items):
-            (check_image if modality == "image" else check_text)(item, position)
+            checked = (check_image if modality == "image" else check_text)(item, position)
+            if (
+                modality == "image"
+                and not index_options.get("store_tokens", True)
+                and not isinstance(checked, str)
+            ):
+                raise ValueError(
+                    f"image {position}: an index without tokens (store_tokens=False) keeps its images' paths or "
+                    f"URLs to encode them again, got {type(item).__name__}"
+                )
         ids = _gallery_ids(items, ids, modality)
         batch_size = _positive(batch_size or self._batch_size or 32, "batch_size")
-
-        features, embeds, masks = [], [], []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            if modality == "image":
-                loaded = [load_image(item, start + i, timeout) for i, item in enumerate(chunk)]
-                pixel_values = self.processor(images=loaded, return_tensors="pt")["pixel_values"]
-                chunk_embeds, chunk_feat = self.encode_images(pixel_values.to(self.device))
-            else:
-                tokens = self.processor(text=list(chunk), return_tensors="pt")
-                masks.append(tokens["attention_mask"])
-                chunk_embeds, chunk_feat = self.encode_texts(
-                    tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-                )
-            features.append(chunk_feat)
-            embeds.append(chunk_embeds)
-        embeds, attention_mask = _concat_padded(embeds, masks if modality == "text" else None)
-        self.index = AlbefRetrievalIndex(
-            modality=modality,
-            features=torch.cat(features),
-            embeds=embeds,
-            attention_mask=attention_mask,
+        config = self.model.config
+        self.index = build_retrieval_index(
+            items,
+            modality,
+            functools.partial(self._encode_gallery, modality=modality, timeout=timeout),
+            config.embed_dim,
+            (config.vision_config if modality == "image" else config.text_config).hidden_size,
             ids=ids,
-            texts=list(items) if modality == "text" else None,
+            directory=directory,
+            batch_size=batch_size,
+            chunk_size=_positive(chunk_size, "chunk_size"),
+            progress=progress,
             model_name=getattr(self.model, "name_or_path", None) or None,
+            **index_options,
         )
         return self.index
+
+    def _encode_gallery(
+        self, items: list[Any], start: int, modality: str | None = None, timeout: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Features, tokens and (texts) mask of gallery items, the first of which is item `start`."""
+        modality = modality or self.index.modality
+        if modality == "image":
+            loaded = [load_image(item, start + i, timeout) for i, item in enumerate(items)]
+            pixel_values = self.processor(images=loaded, return_tensors="pt")["pixel_values"]
+            embeds, features = self.encode_images(pixel_values.to(self.device))
+            return features, embeds, None
+        tokens = self.processor(text=list(items), return_tensors="pt")
+        mask = tokens["attention_mask"].to(self.device)
+        embeds, features = self.encode_texts(tokens["input_ids"].to(self.device), mask)
+        return features, embeds, mask
 
     def load_index(self, directory: str | os.PathLike) -> AlbefRetrievalIndex:
         """Load a saved index and make it this pipeline's default."""
@@ -141,17 +166,16 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
         for position, query in enumerate(queries):
             check(query, position)
         self._check_index(self.index)
-        self.index = self.index.to(self.device)
         results = super().__call__(queries, **kwargs)
         return results[0] if single else results
 
     def _check_index(self, index: AlbefRetrievalIndex) -> None:
         config = self.model.config
         side = config.vision_config if index.modality == "image" else config.text_config
-        if index.features.shape[1] != config.embed_dim or index.embeds.shape[-1] != side.hidden_size:
+        if index.embed_dim != config.embed_dim or index.hidden_size != side.hidden_size:
             raise ValueError(
-                f"the index holds features of size {index.features.shape[1]} and {index.modality} tokens of size "
-                f"{index.embeds.shape[-1]}; this model makes {config.embed_dim} and {side.hidden_size}: it was "
+                f"the index holds features of size {index.embed_dim} and {index.modality} tokens of size "
+                f"{index.hidden_size}; this model makes {config.embed_dim} and {side.hidden_size}: it was "
                 "built with another model"
             )
 
@@ -161,17 +185,14 @@ class AlbefImageTextRetrievalPipeline(AlbefPipeline):
         return self.process_image(query, timeout)
 
     def _forward(self, inputs: dict[str, torch.Tensor], k: int = 128, itm_batch_size: int = 128) -> dict:
-        index = self.index
-        image_queries = index.query_modality == "image"
-        if image_queries:
+        if self.index.query_modality == "image":
             query_embeds, query_feat = self.encode_images(inputs["pixel_values"])
-            images, texts, masks = query_embeds, index.embeds, index.attention_mask
+            query_mask = None
         else:
-            query_embeds, query_feat = self.encode_texts(inputs["input_ids"], inputs["attention_mask"])
-            images, texts, masks = index.embeds, query_embeds, inputs["attention_mask"]
-        sims = query_feat @ index.features.to(query_feat.dtype).T
-        itc, candidates, itm = self.model.itm_rerank(
-            sims, images, texts, masks, k, itm_batch_size, image_queries
+            query_mask = inputs["attention_mask"]
+            query_embeds, query_feat = self.encode_texts(inputs["input_ids"], query_mask)
+        itc, candidates, itm = self.index.rerank(
+            self.model, query_embeds, query_feat, query_mask, k, itm_batch_size, encode=self._encode_gallery
         )
         return {"candidates": candidates, "itc_similarity": itc, "itm_logits": itm}
 
@@ -217,15 +238,3 @@ def _gallery_ids(items: list[Any], ids: Sequence[str | int] | None, modality: st
     if not all(isinstance(item_id, (str, int)) and not isinstance(item_id, bool) for item_id in ids):
         raise ValueError("ids must be strings or integers (they are saved with the index)")
     return ids
-
-
-def _concat_padded(
-    embeds: list[torch.Tensor], masks: list[torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate per-batch token embeddings, padding texts to the longest batch (masked out)."""
-    if masks is None:
-        return torch.cat(embeds), None
-    length = max(e.shape[1] for e in embeds)
-    padded = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
-    mask = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
-    return torch.cat(padded), torch.cat(mask).to(padded[0].device)
