@@ -33,6 +33,12 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: whether the fused query/key/value projection has a bias.
         hidden_dropout_prob: dropout after attention and MLP outputs.
         attention_probs_dropout_prob: dropout on attention probabilities.
+        conv_stem_channels: `None` (the default, ViT and ALBEF): each patch is one strided convolution. A list
+            `[c1, ..., cn]` puts a convolutional stem before it, as hybrid ViTs do: n 3x3 convolutions of stride 2
+            with c1, ..., cn channels (GroupNorm and GELU after each), then a convolution over the remaining
+            `patch_size / 2**n` pixels to the tokens; `patch_size` must be a multiple of `2**n`. Local features
+            (edges, corners) then come from convolutions, which learn from few images what a from-scratch ViT
+            learns from many; see the README's "Fine-tuning on your own data".
     """
 
     model_type = "albef_vision_model"
@@ -52,6 +58,7 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: bool = True,
         hidden_dropout_prob: float = 0.0,
         attention_probs_dropout_prob: float = 0.0,
+        conv_stem_channels: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_numbers(
@@ -62,6 +69,17 @@ class AlbefVisionConfig(PreTrainedConfig):
             dict(hidden_dropout_prob=hidden_dropout_prob, attention_probs_dropout_prob=attention_probs_dropout_prob),
             dict(layer_norm_eps=layer_norm_eps),
         )  # fmt: skip
+        if conv_stem_channels is not None:
+            conv_stem_channels = [int(channels) for channels in conv_stem_channels]
+            if not conv_stem_channels or min(conv_stem_channels) < 1:
+                raise ValueError(
+                    f"conv_stem_channels must be positive channel counts, got {conv_stem_channels}"
+                )
+            if patch_size % 2 ** len(conv_stem_channels) != 0:
+                raise ValueError(
+                    f"patch_size ({patch_size}) must be a multiple of 2**len(conv_stem_channels) "
+                    f"({2 ** len(conv_stem_channels)}): each stem convolution halves the resolution"
+                )
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"vision hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -80,6 +98,7 @@ class AlbefVisionConfig(PreTrainedConfig):
         self.qkv_bias = qkv_bias
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.conv_stem_channels = conv_stem_channels
         super().__init__(**kwargs)
 
     @property

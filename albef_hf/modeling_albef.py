@@ -24,9 +24,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
 
-from .configuration_albef import AlbefConfig, AlbefVisionConfig
+from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .losses import (
     contrastive_targets,
     distilled_targets,
@@ -42,6 +43,8 @@ from .modeling_albef_text import (
     AlbefTextModel,
     attention_forward,
 )
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "AlbefForImageTextRetrieval",
@@ -84,16 +87,40 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     return torch.cat([cls_pos, grid], dim=1)
 
 
+class AlbefConvStemLayer(nn.Module):
+    """A 3x3 convolution of stride 2, GroupNorm (one group: no batch statistics to keep) and GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.GroupNorm(1, out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(pixels)))
+
+
 class AlbefPatchEmbed(nn.Module):
-    """Non-overlapping patches projected by a strided convolution."""
+    """Non-overlapping patches projected by a strided convolution, after an optional convolutional stem.
+
+    Without `config.conv_stem_channels` this is ViT's patch embedding (`proj`, the only parameters). With it,
+    `stem` halves the resolution per layer and `proj` covers the remaining `patch_size / 2**n` pixels, so the
+    tokens are the same grid as without a stem.
+    """
 
     def __init__(self, config: AlbefVisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        channels = [config.num_channels, *(config.conv_stem_channels or [])]
+        if config.conv_stem_channels:
+            self.stem = nn.Sequential(
+                *(AlbefConvStemLayer(a, b) for a, b in zip(channels[:-1], channels[1:], strict=True))
+            )
+        stride = config.patch_size // 2 ** (len(channels) - 1)
+        self.proj = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=stride, stride=stride)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "stem"):
+            pixel_values = self.stem(pixel_values)
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -438,6 +465,23 @@ class AlbefPreTrainedModel(PreTrainedModel):
                 "damaged config.json?); the report above lists them"
             ) from error
 
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Run every attention of the model with `"eager"` or `"sdpa"` (`"flash_attention_*"` where installed).
+
+        transformers' own method would warn, once per sub-config, that it cannot check the sub-models ("You may
+        encounter undefined behavior"): ALBEF's encoders are plain modules reading their sub-configs, and every
+        one of them supports both implementations, so the implementation is set on the configs directly.
+        """
+        if isinstance(attn_implementation, dict) or attn_implementation not in (
+            "eager",
+            *ALL_ATTENTION_FUNCTIONS.valid_keys(),
+        ):
+            raise ValueError(
+                f"attn_implementation must be 'eager' or one of {sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())} "
+                f"(one for every encoder), got {attn_implementation!r}"
+            )
+        self.config._attn_implementation = attn_implementation
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -507,30 +551,48 @@ class AlbefPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_vision_text_pretrained(
         cls,
-        vision_path: str,
-        text_path: str,
+        vision_path: str | os.PathLike | None = None,
+        text_path: str | os.PathLike | None = None,
         fusion_layer: int | None = None,
         image_size: int | None = None,
         output_loading_info: bool = False,
+        vision_config: AlbefVisionConfig | dict | None = None,
+        text_config: AlbefTextConfig | dict | None = None,
         **config_kwargs,
     ):
-        """Build this ALBEF model from a saved transformers ViT and a saved BERT (folders or Hub ids).
+        """Build this ALBEF model from a saved transformers ViT and/or a saved BERT (folders or Hub ids).
 
         The BERT's first `fusion_layer` layers (default: half of them) become the text encoder; the following
         layers' self-attention and feed-forward become the fusion layers, whose cross-attention is new; a
         masked-LM head initialises `mlm_head` when the BERT checkpoint has one. Position embeddings are resized
         when `image_size` differs from the ViT's. `config_kwargs` go to `AlbefConfig` (e.g. `embed_dim`).
 
+        Either tower may be left out (`None`): it is then built new from `vision_config` / `text_config` (its
+        sizes; default ViT-B/16 / BERT-base), as when a pretrained BERT meets a vision tower trained from scratch.
+        A configuration for a tower that comes from a checkpoint is refused: the checkpoint fixes it.
+
         Returns:
             The model, or `(model, TowerLoadingReport)` with `output_loading_info=True`; the report lists the
-            tensors copied from each tower and those newly initialised (also logged).
+            tensors copied from each tower and those newly initialised (its summary is logged when the report is
+            not returned). A task model built from this one by `from_pretrained_albef` reports the weights that
+            started new here, and have not changed since (by training or loading), as newly initialised.
         """
         from .pretrained_towers import build_from_towers
 
         model, report = build_from_towers(
-            cls, vision_path, text_path, fusion_layer, image_size, **config_kwargs
+            cls,
+            vision_path,
+            text_path,
+            fusion_layer,
+            image_size,
+            vision_config=vision_config,
+            text_config=text_config,
+            **config_kwargs,
         )
-        return (model, report) if output_loading_info else model
+        if output_loading_info:
+            return model, report
+        logger.warning("%s", report)
+        return model
 
     def _build_encoders(self, config: AlbefConfig) -> None:
         self.vision_model = AlbefVisionModel(config.vision_config)

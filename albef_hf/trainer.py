@@ -305,7 +305,8 @@ class AlbefTrainingArguments(TrainingArguments):
     Defaults that differ from `TrainingArguments` follow the original: `learning_rate=1e-4`,
     `weight_decay=0.02` (1-D parameters and biases exempt), `lr_scheduler_type="albef_cosine"`,
     `dataloader_drop_last=True` (the queues need full batches), and `remove_unused_columns=False` (the
-    collators read the raw `image`/`text` fields).
+    collators read the raw `image`/`text` fields); `per_device_eval_batch_size=64` (larger products, faster
+    evaluation per sample).
     """
 
     learning_rate: float = field(
@@ -328,6 +329,13 @@ class AlbefTrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collators need the raw sample fields."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Evaluation batch per device (transformers' default of 8 makes small matrix products, slow per "
+            "question on a CPU; see benchmarks/bench_vqa.py --batch-size)."
+        },
     )
 
     # a str field (the parser reads "auto"/"true"/"false"; a bare --bf16 means "true"); Python callers may pass a
