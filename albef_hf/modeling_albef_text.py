@@ -35,6 +35,7 @@ __all__ = [
     "apply_dropout",
     "attention_forward",
     "padding_mask",
+    "text_lengths",
 ]
 
 TextMode = str  # "text" | "fusion" | "multimodal"
@@ -63,6 +64,13 @@ def padding_mask(attention_mask: torch.Tensor | None, causal: bool = False, quer
         causal_mask = rows >= torch.arange(key_length, device=device)[None, :]
         mask = causal_mask[None, None] if mask is None else mask & causal_mask[None, None]
     return mask
+
+
+def text_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch,)` tokens of each row up to its last unmasked one (at least 1, the [CLS]): what a row can be
+    cut to without changing what its tokens attend to."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1).clamp(min=1)
 
 
 def apply_dropout(hidden: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -216,11 +224,15 @@ class AlbefTextSelfAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._heads(self.query(hidden_states))
-        key, value = self._cached_key_value(
-            hidden_states if key_value_states is None else key_value_states, cache
-        )
+        if projected_key_value is not None:  # projected beforehand by `project_key_value`
+            key, value = projected_key_value
+        else:
+            key, value = self._cached_key_value(
+                hidden_states if key_value_states is None else key_value_states, cache
+            )
         if key_value_index is not None:
             # keys/values were projected once per distinct image; each text row picks its image's
             key, value = key[key_value_index], value[key_value_index]
@@ -269,9 +281,16 @@ class AlbefTextAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.self(
-            hidden_states, attention_mask, key_value_states, output_attentions, cache, key_value_index
+            hidden_states,
+            attention_mask,
+            key_value_states,
+            output_attentions,
+            cache,
+            key_value_index,
+            projected_key_value,
         )
         return self.output(attended, hidden_states), probs
 
@@ -310,13 +329,22 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
+        encoder_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        first_token_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_probs = self.attention(
-            hidden_states, attention_mask, None, output_attentions, cache=cache
-        )
+        """One layer; with `first_token_only`, only the first token's state is computed (the others still serve
+        as keys and values of the self-attention), which is all a head on [CLS] reads of the last layer."""
+        if first_token_only:
+            hidden_states, self_probs = self.attention(
+                hidden_states[:, :1], attention_mask, hidden_states, output_attentions, cache=cache
+            )
+        else:
+            hidden_states, self_probs = self.attention(
+                hidden_states, attention_mask, None, output_attentions, cache=cache
+            )
         cross_probs = None
         if self.has_cross_attention:
-            if encoder_hidden_states is None:
+            if encoder_hidden_states is None and encoder_key_value is None:
                 raise ValueError(
                     f"text layer {self.layer_idx} is a fusion layer and needs the image embeddings"
                 )
@@ -327,6 +355,7 @@ class AlbefTextLayer(GradientCheckpointingLayer):
                 output_attentions,
                 cache=cache,
                 key_value_index=encoder_index,
+                projected_key_value=encoder_key_value,
             )
         return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
 
@@ -374,6 +403,16 @@ class AlbefTextModel(nn.Module):
         self.embeddings = AlbefTextEmbeddings(config)
         self.encoder = AlbefTextEncoder(config)
 
+    def project_cross_key_values(
+        self, encoder_hidden_states: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The cross-attention `(key, value)` heads `(batch, heads, image_len, head_dim)` of image tokens
+        `(batch, image_len, encoder_width)` at every fusion layer, for `forward(encoder_key_values=...)`."""
+        return tuple(
+            self.encoder.layer[index].crossattention.self.project_key_value(encoder_hidden_states)
+            for index in self._layer_range("fusion")
+        )
+
     def _layer_range(self, mode: TextMode) -> range:
         fusion_layer, num_layers = self.config.fusion_layer, self.config.num_hidden_layers
         ranges = {
@@ -398,6 +437,8 @@ class AlbefTextModel(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cache: Cache | None = None,
+        encoder_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        first_token_only: bool = False,
     ) -> AlbefTextEncoderOutput:
         """Run the layers of `mode`.
 
@@ -419,6 +460,12 @@ class AlbefTextModel(nn.Module):
             output_hidden_states: return the input of every layer that ran and the final output.
             cache: incremental decoding (`config.is_decoder` only): `input_ids` are the tokens after the cached ones;
                 `attention_mask`, when given, covers the cached and the new tokens.
+            encoder_key_values: instead of `encoder_hidden_states`, their cross-attention keys and values from
+                `project_cross_key_values` (one `(key, value)` per fusion layer), projected once and reused by
+                several calls (ITM re-ranking scores many texts against each image); read through
+                `encoder_index` like the image tokens.
+            first_token_only: the last layer computes the first token's state only (`last_hidden_state` is then
+                `(batch, 1, hidden)`): what a head on [CLS] (ITM) reads, for about a third less work per layer.
         """
         layers = self._layer_range(mode)
         past_length = 0
@@ -441,7 +488,19 @@ class AlbefTextModel(nn.Module):
             attention_mask, causal=self.config.is_decoder, query_length=hidden_states.shape[1]
         )
 
+        if first_token_only and self.config.is_decoder:
+            raise ValueError("first_token_only is for encoders: a decoder predicts at every position")
+        if encoder_key_values is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError("give the image tokens or their projected keys/values, not both")
+            if len(encoder_key_values) != self.config.num_hidden_layers - self.config.fusion_layer:
+                raise ValueError(
+                    f"encoder_key_values holds {len(encoder_key_values)} layers; there are "
+                    f"{self.config.num_hidden_layers - self.config.fusion_layer} fusion layers"
+                )
         images, image_masks = _as_image_list(encoder_hidden_states, encoder_attention_mask)
+        if encoder_key_values is not None:
+            image_masks = [encoder_attention_mask]
         if encoder_index is not None:
             image_masks = [mask if mask is None else mask[encoder_index] for mask in image_masks]
         image_masks = [padding_mask(mask) for mask in image_masks]
@@ -450,8 +509,10 @@ class AlbefTextModel(nn.Module):
         all_self, all_cross = ([], []) if output_attentions else (None, None)
         for index in layers:
             layer = self.encoder.layer[index]
-            image = image_mask = None
-            if layer.has_cross_attention and images:
+            image = image_mask = key_value = None
+            if layer.has_cross_attention and encoder_key_values is not None:
+                key_value, image_mask = encoder_key_values[index - self.config.fusion_layer], image_masks[0]
+            elif layer.has_cross_attention and images:
                 which = (index - self.config.fusion_layer) % len(images)
                 image, image_mask = images[which], image_masks[which]
             if output_hidden_states:
@@ -464,6 +525,8 @@ class AlbefTextModel(nn.Module):
                 output_attentions=output_attentions,
                 cache=cache,
                 encoder_index=encoder_index,
+                encoder_key_value=key_value,
+                first_token_only=first_token_only and index == layers[-1],
             )
             if output_attentions:
                 all_self.append(self_probs)
