@@ -559,13 +559,15 @@ class AlbefPreTrainedModel(PreTrainedModel):
         image_index: torch.Tensor | None = None,
         image_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         first_token_only: bool = False,
+        text_self_attended: bool = False,
     ) -> AlbefTextEncoderOutput:
         """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens.
 
         Text row i reads image row i, or image row `image_index[i]` when an index is given (several texts
         sharing an image then share its cross-attention keys and values). `image_key_values`
         (`text_encoder.project_cross_key_values(image_embeds)`) replace `image_embeds` when the same images
-        serve several calls; `first_token_only` computes only the [CLS] state in the last layer.
+        serve several calls; `first_token_only` computes only the [CLS] state in the last layer;
+        `text_self_attended` says that `text_embeds` come from `text_encoder.fusion_self_attention`.
         """
         return self.text_encoder(
             hidden_states=text_embeds,
@@ -576,6 +578,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
             mode="fusion",
             output_attentions=output_attentions,
             first_token_only=first_token_only,
+            text_self_attended=text_self_attended,
         )
 
 
@@ -751,8 +754,9 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         a pair listed twice is scored once; each image's cross-attention keys and values are projected once
         per fusion layer for all of its pairs (images go in chunks, and every pair of a chunk's images reads the
         chunk's projected keys/values); the pairs of a chunk go through the fusion layers `batch_size` at a
-        time, sorted by text length and each batch cut to its longest text; the last fusion layer computes only
-        the [CLS] state that the ITM head reads.
+        time, sorted by text length and each batch cut to its longest text; the self-attention of the first fusion
+        layer, which reads no image, runs once per text; the last fusion layer computes only the [CLS] state that
+        the ITM head reads.
 
         Args:
             image_embeds: `(num_images, image_len, vision_hidden)` image tokens.
@@ -778,6 +782,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         chunk = max(1, batch_size // (2 * fusion_layers))
         order = torch.argsort((images // chunk) * (text_embeds.shape[1] + 1) + lengths[texts], stable=True)
         images, texts = images[order], texts[order]
+        attended = self._fusion_self_attention(text_embeds, text_attention_mask, lengths, texts, batch_size)
         logits, start = [], 0
         for count in torch.unique_consecutive(images // chunk, return_counts=True)[1].tolist():
             chunk_images, chunk_texts = images[start : start + count], texts[start : start + count]
@@ -788,18 +793,40 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
                 rows = chunk_texts[first : first + batch_size]
                 length = int(lengths[rows].max())
                 fused = self.fuse(
-                    text_embeds[rows, :length],
+                    attended[rows, :length],
                     text_attention_mask[rows, :length],
                     None,
                     image_index=local_index[first : first + batch_size],
                     image_key_values=key_values,
                     first_token_only=True,
+                    text_self_attended=True,
                 ).last_hidden_state
                 logits.append(self.itm_head(fused[:, 0, :]))
         sorted_logits = torch.cat(logits) if logits else text_embeds.new_empty(0, 2)
         unique_logits = torch.empty_like(sorted_logits)
         unique_logits[order] = sorted_logits
         return unique_logits[inverse]
+
+    def _fusion_self_attention(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lengths: torch.Tensor,
+        texts: torch.Tensor,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """The first fusion layer's self-attention of the `texts` rows (zeros elsewhere), which reads no image:
+        computed once per text rather than once per pair, in batches of similar length."""
+        used = torch.unique(texts)
+        used = used[torch.argsort(lengths[used], stable=True)]
+        attended = torch.zeros_like(text_embeds)
+        for first in range(0, used.numel(), batch_size):
+            rows = used[first : first + batch_size]
+            length = int(lengths[rows].max())
+            attended[rows, :length] = self.text_encoder.fusion_self_attention(
+                text_embeds[rows, :length], attention_mask[rows, :length]
+            )
+        return attended
 
     @torch.no_grad()
     def itm_rerank(

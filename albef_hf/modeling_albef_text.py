@@ -331,10 +331,16 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         encoder_index: torch.Tensor | None = None,
         encoder_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         first_token_only: bool = False,
+        self_attended: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One layer; with `first_token_only`, only the first token's state is computed (the others still serve
-        as keys and values of the self-attention), which is all a head on [CLS] reads of the last layer."""
-        if first_token_only:
+        as keys and values of the self-attention), which is all a head on [CLS] reads of the last layer; with
+        `self_attended`, `hidden_states` have been through this layer's self-attention already."""
+        if self_attended:
+            self_probs = None
+            if first_token_only:
+                hidden_states = hidden_states[:, :1]
+        elif first_token_only:
             hidden_states, self_probs = self.attention(
                 hidden_states[:, :1], attention_mask, hidden_states, output_attentions, cache=cache
             )
@@ -413,6 +419,17 @@ class AlbefTextModel(nn.Module):
             for index in self._layer_range("fusion")
         )
 
+    def fusion_self_attention(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The first fusion layer's self-attention block on unimodal text states `(batch, seq_len, hidden)`.
+
+        It reads no image, so scoring a text against many images can run it once per text and pass the result to
+        `forward(mode="fusion", text_self_attended=True)`.
+        """
+        layer = self.encoder.layer[self.config.fusion_layer]
+        return layer.attention(hidden_states, padding_mask(attention_mask))[0]
+
     def _layer_range(self, mode: TextMode) -> range:
         fusion_layer, num_layers = self.config.fusion_layer, self.config.num_hidden_layers
         ranges = {
@@ -439,6 +456,7 @@ class AlbefTextModel(nn.Module):
         cache: Cache | None = None,
         encoder_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         first_token_only: bool = False,
+        text_self_attended: bool = False,
     ) -> AlbefTextEncoderOutput:
         """Run the layers of `mode`.
 
@@ -466,6 +484,8 @@ class AlbefTextModel(nn.Module):
                 `encoder_index` like the image tokens.
             first_token_only: the last layer computes the first token's state only (`last_hidden_state` is then
                 `(batch, 1, hidden)`): what a head on [CLS] (ITM) reads, for about a third less work per layer.
+            text_self_attended: with `mode="fusion"`, `hidden_states` come from `fusion_self_attention` (the first
+                fusion layer's self-attention, which reads no image), and that layer starts at its cross-attention.
         """
         layers = self._layer_range(mode)
         past_length = 0
@@ -488,6 +508,8 @@ class AlbefTextModel(nn.Module):
             attention_mask, causal=self.config.is_decoder, query_length=hidden_states.shape[1]
         )
 
+        if text_self_attended and mode != "fusion":
+            raise ValueError('text_self_attended applies to mode="fusion" only')
         if first_token_only and self.config.is_decoder:
             raise ValueError("first_token_only is for encoders: a decoder predicts at every position")
         if encoder_key_values is not None:
@@ -527,6 +549,7 @@ class AlbefTextModel(nn.Module):
                 encoder_index=encoder_index,
                 encoder_key_value=key_value,
                 first_token_only=first_token_only and index == layers[-1],
+                self_attended=text_self_attended and index == layers[0],
             )
             if output_attentions:
                 all_self.append(self_probs)

@@ -163,6 +163,30 @@ def test_first_token_only_and_projected_keys_values_equal_the_full_fusion(setup)
         model.fuse(texts, mask, None, image_index=index, image_key_values=key_values[:1])
 
 
+@pytest.mark.parametrize("fusion_layer", [3, 1])  # one fusion layer, three
+def test_text_self_attention_once_per_text_equals_the_full_fusion(fusion_layer):
+    model = AlbefForImageTextRetrieval(tiny_config(fusion_layer=fusion_layer)).eval()
+    texts, images = torch.randn(4, 6, 32), torch.randn(3, 17, 32)
+    mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 4 + [0] * 2, [1] + [0] * 5])
+    index = torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():
+        full = model.fuse(texts, mask, images[index]).last_hidden_state
+        attended = model.text_encoder.fusion_self_attention(texts, mask)
+        for first_token_only in (False, True):
+            fused = model.fuse(
+                attended,
+                mask,
+                images,
+                image_index=index,
+                first_token_only=first_token_only,
+                text_self_attended=True,
+            ).last_hidden_state
+            expected = full[:, :1] if first_token_only else full
+            torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="fusion"):
+        model.text_encoder(input_ids=torch.ones(1, 3, dtype=torch.long), mode="text", text_self_attended=True)
+
+
 def test_texts_encoded_by_length_equal_the_padded_encoding(setup):
     model, _, texts, input_ids, mask = setup
     embeds, cut_mask = encode_texts_by_length(model, input_ids, mask, batch_size=4)
