@@ -23,12 +23,14 @@ Each timed run encodes the images and texts and re-ranks, in two ways:
 The two run interleaved, `--repeats` times each; the ratio is of their fastest runs (and the median of the
 per-round ratios), in wall time and in process CPU time (on a busy machine, CPU time suffers less from other
 processes). Both must give the same scores (the largest difference is printed; above 1e-4 it fails).
-With `--memory`, each way also runs once in a process of its own, which prints the growth of its peak resident
-memory over the evaluation.
+With `--memory`, the new way and `padded-rank` (texts encoded at full padding, then `rank`) each run once more in
+a process of their own, which prints the growth of its peak resident memory over the evaluation; on a checkout
+before the faster re-ranking (commit 741cd05, `PYTHONPATH=<that checkout> ... --memory-of padded-rank`),
+`padded-rank` is the evaluation as it was. `--memory-of WAY` measures one way alone.
 
     python benchmarks/bench_retrieval.py                                 # small, both text kinds
     python benchmarks/bench_retrieval.py --variant large --rows 0.1      # 1,000 x 5,000, k 128, a tenth of the rows
-    python benchmarks/bench_retrieval.py --texts natural --memory
+    python benchmarks/bench_retrieval.py --texts natural --memory --repeats 0     # peak memory only
 """
 
 from __future__ import annotations
@@ -137,7 +139,34 @@ def albef_hf_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tenso
     return ranking.scores_i2t, ranking.scores_t2i
 
 
+@torch.no_grad()
+def padded_rank_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts encoded at full padding, then `rank`: on a checkout before the faster re-ranking (commit 741cd05),
+    the evaluation as it was (for the memory comparison)."""
+    image_embeds = encode_images(model, inputs["pixel_values"])
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    text_embeds = torch.cat(
+        [
+            model.encode_text(
+                input_ids[start : start + ENCODER_BATCH], mask[start : start + ENCODER_BATCH]
+            ).last_hidden_state
+            for start in range(0, input_ids.shape[0], ENCODER_BATCH)
+        ]
+    )
+    ranking = model.rank(
+        image_embeds,
+        text_embeds,
+        mask,
+        k=k,
+        batch_size=ITM_BATCH,
+        image_rows=query_rows(image_embeds.shape[0], rows),
+        text_rows=query_rows(text_embeds.shape[0], rows),
+    )
+    return ranking.scores_i2t, ranking.scores_t2i
+
+
 WAYS = {"reference": reference_evaluation, "albef-hf": albef_hf_evaluation}
+MEMORY_WAYS = {**WAYS, "padded-rank": padded_rank_evaluation}
 
 
 def build_model(attn: str) -> AlbefForImageTextRetrieval:
@@ -164,7 +193,7 @@ def measure_memory(way: str, variant: str, texts: str, rows: float, attn: str) -
     except OSError:
         pass
     before = _rss_mib("VmRSS")
-    WAYS[way](model, inputs, k, rows)
+    MEMORY_WAYS[way](model, inputs, k, rows)
     peak = _rss_mib("VmHWM")
     return {
         "way": way,
@@ -216,11 +245,11 @@ def main() -> None:
     parser.add_argument("--variant", nargs="+", default=["small"], choices=sorted(VARIANTS))
     parser.add_argument("--texts", nargs="+", default=["real30", "natural"], choices=["real30", "natural"])
     parser.add_argument("--rows", type=float, default=1.0, help="fraction of the query rows re-ranked")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way (0: no timing)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each way")
-    parser.add_argument("--memory-of", choices=sorted(WAYS), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--memory-of", choices=sorted(MEMORY_WAYS), help="only the peak memory of this way")
     args = parser.parse_args()
     if not 0 < args.rows <= 1:
         parser.error("--rows is a fraction in (0, 1]")
@@ -231,21 +260,15 @@ def main() -> None:
         return
     for variant in args.variant:
         for texts in args.texts:
-            print(json.dumps(compare(variant, texts, args.rows, args.repeats, args.attn)), flush=True)
+            if args.repeats > 0:
+                print(json.dumps(compare(variant, texts, args.rows, args.repeats, args.attn)), flush=True)
             if not args.memory:
                 continue
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            for way in WAYS:
-                command = [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--memory-of",
-                    way,
-                    "--variant",
-                    variant,
-                ]
-                command += ["--texts", texts, "--rows", str(args.rows), "--threads", str(args.threads)]
-                command += ["--attn", args.attn]
+            for way in ("albef-hf", "padded-rank"):
+                command = [sys.executable, os.path.abspath(__file__), "--memory-of", way]
+                command += ["--variant", variant, "--texts", texts, "--rows", str(args.rows)]
+                command += ["--threads", str(args.threads), "--attn", args.attn]
                 output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
                 print(output.strip().splitlines()[-1], flush=True)
 
