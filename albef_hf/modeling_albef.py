@@ -772,6 +772,8 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if image_index.numel() == 0:
+            return self.itm_head.weight.new_empty(0, 2)
         num_texts = text_embeds.shape[0]
         pairs, inverse = torch.unique(image_index * num_texts + text_index, return_inverse=True)
         images, texts = pairs // num_texts, pairs % num_texts
@@ -802,7 +804,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
                     text_self_attended=True,
                 ).last_hidden_state
                 logits.append(self.itm_head(fused[:, 0, :]))
-        sorted_logits = torch.cat(logits) if logits else text_embeds.new_empty(0, 2)
+        sorted_logits = torch.cat(logits)
         unique_logits = torch.empty_like(sorted_logits)
         unique_logits[order] = sorted_logits
         return unique_logits[inverse]

@@ -196,6 +196,12 @@ def test_texts_encoded_by_length_equal_the_padded_encoding(setup):
     torch.testing.assert_close(embeds[real], texts[:, : max(LENGTHS)][real], atol=1e-5, rtol=0)
 
 
+def test_no_rows_to_rank(setup):
+    model, images, texts, _, mask = setup
+    ranking = model.rank(images, texts, mask, k=3, image_rows=slice(0, 0), text_rows=slice(4, 2))
+    assert (ranking.scores_i2t == -100).all() and (ranking.scores_t2i == -100).all()
+
+
 def test_pair_indices_are_checked(setup):
     model, images, texts, _, mask = setup
     with pytest.raises(ValueError, match="one length"):
