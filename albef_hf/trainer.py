@@ -49,6 +49,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PredictionOutput, has_length, speed_metrics
+from transformers.utils import is_torch_xla_available
 
 from .data.collators import (
     AlbefClassificationCollator,
@@ -87,6 +88,7 @@ from .momentum import (
     load_momentum_state,
     save_momentum_state,
 )
+from .precision import resolve_bf16
 
 __all__ = [
     "ALBEF_LR_SCHEDULES",
@@ -201,6 +203,18 @@ class AlbefTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Kept False: the collators need the raw sample fields."}
     )
 
+    # a str field (the parser reads "auto"/"true"/"false"; a bare --bf16 means "true"); Python callers may pass a
+    # bool. __post_init__ leaves the bool the parent expects.
+    bf16: str = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast: 'auto' (default) where the device computes bf16 natively (a CUDA GPU with bf16, a "
+            "CPU with AVX512-BF16 or AMX), fp32 elsewhere; --bf16 forces it (with a warning where it is emulated, "
+            "about 20x slower), --bf16 false turns it off.",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
     momentum: float = field(default=0.995, metadata={"help": "EMA coefficient of the momentum teacher."})
     alpha: float = field(
         default=0.4, metadata={"help": "Distillation weight of the teacher's distributions (ITC and MLM)."}
@@ -285,6 +299,7 @@ class AlbefTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._resolve_precision()
         albef_schedule = self.lr_scheduler_type if self.lr_scheduler_type in ALBEF_LR_SCHEDULES else None
         if albef_schedule is not None:
             self.lr_scheduler_type = "constant"  # a name the parent validates; restored below
@@ -323,6 +338,20 @@ class AlbefTrainingArguments(TrainingArguments):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _resolve_precision(self) -> None:
+        """Turn `bf16` ("auto", a bool, or "true"/"false") into the bool the parent expects, for the device
+        this run will train on. Without a GPU, bf16 means CPU autocast, so `use_cpu` is set with it (the parent
+        refuses bf16 on a machine without a bf16 GPU otherwise)."""
+        accelerators = {
+            "cuda": torch.cuda.is_available(),
+            "xla": is_torch_xla_available(),
+            "mps": torch.backends.mps.is_available(),
+        }
+        device = "cpu" if self.use_cpu else next((name for name, ok in accelerators.items() if ok), "cpu")
+        self.bf16 = resolve_bf16(self.bf16, device)
+        if self.bf16 and device == "cpu":
+            self.use_cpu = True
 
     @property
     def resolved_warmup_start_lr(self) -> float:

@@ -33,7 +33,7 @@ import torch
 from albef_hf.data.synthetic import build_retrieval_eval, caption_sample
 from albef_hf.data.synthetic.language import noisy_caption
 from albef_hf.demo import DemoConfig
-from albef_hf.demo.run import demo_processor, pretrain, use_bf16, world_config
+from albef_hf.demo.run import demo_processor, pretrain, world_config
 from albef_hf.evaluation import itm_eval
 
 ROWS: dict[str, tuple[str, dict]] = {
@@ -59,12 +59,12 @@ def swapped_captions(demo: DemoConfig, world, count: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model, processor, demo: DemoConfig, eval_images: int, itc: bool) -> dict[str, float]:
+def evaluate(model, processor, demo: DemoConfig, eval_images: int, itc: bool, bf16: bool) -> dict[str, float]:
     model.eval()
     world = replace(world_config(demo), noisy_caption_fraction=0.0, unrelated_noise_fraction=0.0)
     eval_set = build_retrieval_eval(eval_images, seed=demo.seed, config=world)
     first_caption = [texts[0] for texts in eval_set.img2txt]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(demo)):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         image_embeds = model.encode_image(processor(images=eval_set.images)["pixel_values"]).last_hidden_state
         texts = processor.tokenize(eval_set.texts, padding="max_length")
         text_embeds = model.encode_text(texts["input_ids"], texts["attention_mask"]).last_hidden_state
@@ -101,7 +101,9 @@ def run_row(key: str, steps: int, seed: int, eval_images: int, output_dir: str) 
     world = world_config(demo)
     processor = demo_processor(demo, world)
     trainer = pretrain(demo, world, processor)
-    metrics = evaluate(trainer.model, processor, demo, eval_images, itc=demo.itc_weight > 0)
+    metrics = evaluate(
+        trainer.model, processor, demo, eval_images, itc=demo.itc_weight > 0, bf16=trainer.args.bf16
+    )
     seconds = round(time.time() - start)
     return {"row": key, "label": label, "steps": trainer.state.global_step, "seconds": seconds, **metrics}
 

@@ -18,7 +18,7 @@ Data (samples: albef_hf.data.downstream):
 
     python examples/run_grounding.py --output_dir out --model_name_or_path path/to/pretrained --image_size 384 \\
         --train_file refcoco+_train.json --eval_file refcoco+_val_boxes.json --image_root coco \\
-        --do_train --do_eval --num_train_epochs 5 --per_device_train_batch_size 32 --queue_size 65536 --bf16
+        --do_train --do_eval --num_train_epochs 5 --per_device_train_batch_size 32 --queue_size 65536
 
 Metrics: `eval_box_accuracy` (percent; `eval_box_accuracy_<split>` when samples have a "split").
 The saved folder serves `pipeline("visual-grounding", model=out)`.

@@ -19,7 +19,7 @@ Data (samples: albef_hf.data.downstream):
     python examples/run_nlvr.py --output_dir out --model_name_or_path path/to/pretrained --image_size 384 \\
         --do_ta --ta_train_file coco.json vg.json cc3m_train.json sbu.json --ta_image_size 256 \\
         --train_file nlvr_train.json --eval_file nlvr_dev.json --image_root NLVR2 \\
-        --do_train --do_eval --num_train_epochs 10 --per_device_train_batch_size 16 --bf16
+        --do_train --do_eval --num_train_epochs 10 --per_device_train_batch_size 16
 
 Metrics: `eval_accuracy` (percent). The text-assignment model is saved in `<output_dir>/text_assignment`; the
 final folder loads with `AlbefForVisualReasoning.from_pretrained`.

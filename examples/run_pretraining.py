@@ -14,7 +14,7 @@ or the built-in synthetic world (--dataset_name synthetic). Every `AlbefTraining
     torchrun --nproc_per_node 8 examples/run_pretraining.py --output_dir out --do_train \\
         --vision_model_name_or_path facebook/deit-base-patch16-224 --text_model_name_or_path bert-base-uncased \\
         --image_size 256 --train_file coco.json vg.json cc3m_train.json sbu.json --per_device_train_batch_size 64 \\
-        --num_train_epochs 30 --warmup_steps 2000 --lr_scheduler_type albef_epoch_cosine --bf16 --push_to_hub
+        --num_train_epochs 30 --warmup_steps 2000 --lr_scheduler_type albef_epoch_cosine --push_to_hub
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Data (samples: albef_hf.data.downstream):
 
     python examples/run_ve.py --output_dir out --model_name_or_path path/to/pretrained --image_size 384 \\
         --train_file ve_train.json --eval_file ve_test.json --image_root flickr30k-images \\
-        --do_train --do_eval --num_train_epochs 5 --per_device_train_batch_size 32 --bf16
+        --do_train --do_eval --num_train_epochs 5 --per_device_train_batch_size 32
 
 Metrics: `eval_accuracy` (percent). The saved folder loads with `AlbefForVisualEntailment.from_pretrained`.
 """

@@ -25,7 +25,7 @@ of the training data, most frequent first.
     python examples/run_vqa.py --output_dir out --model_name_or_path path/to/pretrained --image_size 384 \\
         --train_file vqa_train.json vqa_val.json vg_qa.json --image_root coco --vg_root visual-genome \\
         --eval_file vqa_test.json --answer_list answer_list.json --do_train --do_predict \\
-        --num_train_epochs 8 --per_device_train_batch_size 32 --bf16
+        --num_train_epochs 8 --per_device_train_batch_size 32
 
 The saved folder serves `pipeline("visual-question-answering", model=out)`.
 """

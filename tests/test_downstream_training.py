@@ -112,6 +112,7 @@ def trainer_for(task: str, output_dir, eval_dataset=None, transform=None, **over
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,  # fp32 whatever the CPU, so that results compare exactly
         disable_tqdm=True,
         seed=3,
     )
@@ -302,7 +303,9 @@ def test_grounding_evaluation_chooses_boxes_by_gradcam(tmp_path):
         {"image": image, "text": SENTENCES[i], "box": boxes[i], "candidate_boxes": boxes, "split": "val"}
         for i, image in enumerate(images)
     ]
-    args = AlbefTrainingArguments(str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, report_to="none")
+    args = AlbefTrainingArguments(
+        str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, bf16=False, report_to="none"
+    )
     trainer = AlbefTrainer(
         model, args, eval_dataset=GroundingEvalSet(eval_samples), processing_class=tiny_processor()
     )

@@ -196,6 +196,19 @@ def test_texts_encoded_by_length_equal_the_padded_encoding(setup):
     torch.testing.assert_close(embeds[real], texts[:, : max(LENGTHS)][real], atol=1e-5, rtol=0)
 
 
+def test_rank_in_training_mode_equals_eval_mode(setup):
+    """Training mode packs the real tokens of text batches; re-ranking must give the same scores there."""
+    model, images, texts, _, mask = setup
+    expected = model.rank(images, texts, mask, k=4, batch_size=6)
+    model.train()  # the tiny config has no dropout
+    try:
+        ranking = model.rank(images, texts, mask, k=4, batch_size=6)
+    finally:
+        model.eval()
+    torch.testing.assert_close(ranking.scores_i2t, expected.scores_i2t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ranking.scores_t2i, expected.scores_t2i, atol=1e-5, rtol=0)
+
+
 def test_no_rows_to_rank(setup):
     model, images, texts, _, mask = setup
     ranking = model.rank(images, texts, mask, k=3, image_rows=slice(0, 0), text_rows=slice(4, 2))

@@ -232,7 +232,7 @@ def test_retrieval_training_fills_the_id_queue_and_evaluates(tmp_path):
         sample["image_id"] = i // 2  # two captions per image
     args = AlbefTrainingArguments(
         str(tmp_path), per_device_train_batch_size=4, max_steps=2, queue_size=8, report_to="none",
-        use_cpu=True, disable_tqdm=True, save_strategy="no", retrieval_k=3, eval_strategy="steps", eval_steps=2,
+        use_cpu=True, bf16=False, disable_tqdm=True, save_strategy="no", retrieval_k=3, eval_strategy="steps", eval_steps=2,
     )  # fmt: skip
     eval_set = RetrievalEvalSet(
         random_images(3), ["a red circle", "two dogs", "a cat", "a man"], [0, 1, 2, 0], [[0, 3], [1], [2]]

@@ -57,6 +57,7 @@ def tiny_trainer(output_dir: str, samples: list[dict] | None = None, **overrides
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,  # fp32 whatever the CPU, so that results compare exactly
         disable_tqdm=True,
         seed=7,
     )
@@ -123,7 +124,9 @@ def run_resume(output_dir: str, checkpoint: str) -> None:
 def downstream_evaluations(output_dir: str) -> dict:
     """Metrics and predictions of tiny VQA, grounding and SNLI-VE models on 5 samples each (batches of 2)."""
     images = random_images(5, seed=2)
-    args = AlbefTrainingArguments(output_dir, per_device_eval_batch_size=2, use_cpu=True, report_to="none")
+    args = AlbefTrainingArguments(
+        output_dir, per_device_eval_batch_size=2, use_cpu=True, bf16=False, report_to="none"
+    )
     processor = tiny_processor()
     results = {}
     torch.manual_seed(0)

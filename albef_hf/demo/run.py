@@ -30,13 +30,15 @@ from .report import write_report
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DemoResult", "build_model", "demo_processor", "evaluate_zero_shot", "pretrain", "run_demo"]
-
-
-def bf16_supported() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX), where autocast pays off."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+__all__ = [
+    "DemoResult",
+    "build_model",
+    "demo_processor",
+    "evaluate_zero_shot",
+    "pretrain",
+    "run_demo",
+    "training_arguments",
+]
 
 
 def world_config(demo: DemoConfig) -> SyntheticWorldConfig:
@@ -117,14 +119,9 @@ def demo_processor(demo: DemoConfig, world: SyntheticWorldConfig) -> AlbefProces
     )
 
 
-def use_bf16(demo: DemoConfig) -> bool:
-    return bf16_supported() if demo.bf16 == "auto" else demo.bf16 == "true"
-
-
-def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProcessor) -> AlbefTrainer:
-    """Pretrain a fresh model on the world's training pairs with `AlbefTrainer`; returns the trainer."""
-    model = build_model(demo, processor.tokenizer)
-    args = AlbefTrainingArguments(
+def training_arguments(demo: DemoConfig) -> AlbefTrainingArguments:
+    """The demo's `AlbefTrainingArguments`: bf16 follows `demo.bf16` ("auto": only where it is native)."""
+    return AlbefTrainingArguments(
         output_dir=demo.output_dir,
         max_steps=demo.steps,
         per_device_train_batch_size=demo.batch_size,
@@ -135,7 +132,7 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
         alpha=demo.alpha,
         distill=demo.distill,
         queue_size=demo.queue_size,
-        bf16=use_bf16(demo),
+        bf16=demo.bf16,
         use_cpu=not torch.cuda.is_available(),
         seed=demo.seed,
         logging_steps=demo.logging_steps,
@@ -143,6 +140,18 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
         report_to="none",
         dataloader_num_workers=demo.dataloader_workers,
     )
+
+
+def pretrain(
+    demo: DemoConfig,
+    world: SyntheticWorldConfig,
+    processor: AlbefProcessor,
+    callbacks: tuple[TrainerCallback, ...] = (),
+) -> AlbefTrainer:
+    """Pretrain a fresh model on the world's training pairs with `AlbefTrainer` (with extra `callbacks`);
+    returns the trainer."""
+    model = build_model(demo, processor.tokenizer)
+    args = training_arguments(demo)
     budget = _TimeBudget(None if demo.time_budget_minutes is None else demo.time_budget_minutes * demo.scale)
     trainer = AlbefTrainer(
         model,
@@ -150,7 +159,7 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
         data_collator=AlbefPretrainingCollator(processor, max_length=demo.max_length),
         train_dataset=SyntheticPairs(world, demo.train_images, demo.seed),
         processing_class=processor,
-        callbacks=[budget],
+        callbacks=[budget, *callbacks],
     )
     trainer.train()
     trainer.stopped_by_time_budget = budget.stopped_at is not None
@@ -163,11 +172,12 @@ def pretrain(demo: DemoConfig, world: SyntheticWorldConfig, processor: AlbefProc
 
 
 def evaluate_zero_shot(
-    model: AlbefForPreTraining, processor: AlbefProcessor, eval_set, demo: DemoConfig
+    model: AlbefForPreTraining, processor: AlbefProcessor, eval_set, demo: DemoConfig, bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """The original retrieval protocol on held-out scenes: `(scores_i2t, scores_t2i, recall metrics)`."""
+    """The original retrieval protocol on held-out scenes: `(scores_i2t, scores_t2i, recall metrics)`, under
+    bf16 autocast when `bf16` (the training run's resolved precision, `trainer.args.bf16`)."""
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(demo)):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         scores_i2t, scores_t2i = compute_retrieval_scores(
             model, processor, eval_set, k=demo.retrieval_k, batch_size=demo.eval_batch_size
         )
@@ -185,7 +195,9 @@ def run_demo(demo: DemoConfig) -> DemoResult:
     train_seconds = time.time() - start
     model = trainer.model
     eval_set = build_retrieval_eval(demo.eval_images, seed=demo.seed, config=world)
-    scores_i2t, scores_t2i, metrics = evaluate_zero_shot(model, processor, eval_set, demo)
+    scores_i2t, scores_t2i, metrics = evaluate_zero_shot(
+        model, processor, eval_set, demo, bf16=trainer.args.bf16
+    )
 
     model_dir = os.path.join(demo.output_dir, "model")
     trainer.save_model(model_dir)
@@ -196,7 +208,7 @@ def run_demo(demo: DemoConfig) -> DemoResult:
         "planned_steps": demo.steps,
         "stopped_by_time_budget": trainer.stopped_by_time_budget,
         "train_seconds": round(train_seconds, 1),
-        "bf16": use_bf16(demo),
+        "bf16": trainer.args.bf16,
         "eval_images": demo.eval_images,
         "retrieval_k": demo.retrieval_k,
         "gradcam_itc_block": demo.gradcam_itc_block,

@@ -1,0 +1,77 @@
+"""Training skips the padding of text batches (TokenPacking): same states at real tokens, same losses, same
+gradients as a padded pass, with fewer FLOPs."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from albef_hf import AlbefForPreTraining
+from albef_hf.modeling_albef_text import TokenPacking
+
+
+def _batch(generator: torch.Generator, batch: int = 6, length: int = 12) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([length, 3, 7, length - 2, 5, 9][:batch])
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids = torch.randint(5, 40, (batch, length), generator=generator) * mask
+    ids[:, 0] = 2
+    masked = ids.clone()
+    labels = torch.full_like(ids, -100)
+    masked[:, 1], labels[:, 1] = 4, ids[:, 1]
+    return {
+        "pixel_values": torch.randn(batch, 3, 32, 32, generator=generator),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mlm_input_ids": masked,
+        "mlm_labels": labels,
+        "hard_negatives": (torch.tensor([1, 2, 3, 4, 5, 0]), torch.tensor([5, 0, 1, 2, 3, 4])),
+    }
+
+
+def _run(model: AlbefForPreTraining, batch: dict):
+    model.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        out = model(**batch)
+        out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads, counter.get_total_flops()
+
+
+def test_packed_training_equals_padded(monkeypatch):
+    torch.manual_seed(0)
+    model = AlbefForPreTraining(tiny_config()).train()
+    batch = _batch(torch.Generator().manual_seed(1))
+    packed, packed_grads, packed_flops = _run(model, batch)
+    with monkeypatch.context() as patch:  # the padded computation, as when there is nothing to skip
+        patch.setattr(TokenPacking, "of", classmethod(lambda cls, mask: None))
+        padded, padded_grads, padded_flops = _run(model, batch)
+    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits"):
+        torch.testing.assert_close(packed[name], padded[name], atol=1e-6, rtol=1e-5)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed.text_embeds[real], padded.text_embeds[real], atol=1e-6, rtol=1e-5)
+    assert bool((packed.text_embeds[~real] == 0).all())  # padding is not computed
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert packed_flops < 0.9 * padded_flops
+
+
+def test_eval_mode_keeps_the_padded_pass():
+    model = AlbefForPreTraining(tiny_config()).eval()
+    batch = _batch(torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        states = model.encode_text(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    assert bool((states[~batch["attention_mask"].bool()] != 0).any())
+
+
+def test_packing_round_trip():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert TokenPacking.of(torch.ones(2, 3)) is None and TokenPacking.of(None) is None
+    packing = TokenPacking.of(mask)
+    states = torch.arange(18.0).view(2, 3, 3)
+    packed = packing.pack(states)
+    assert packed.shape == (5, 3)
+    restored = packing.unpack(packed)
+    torch.testing.assert_close(restored[mask.bool()], states[mask.bool()])
+    assert bool((restored[0, 2] == 0).all())
