@@ -4,14 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint app
 
 # torch is installed first and pinned here so that this machine's local CPU build is used; the package
-# itself only asks for a lower bound, so users elsewhere keep their own torch.
-$(VENV)/.installed: pyproject.toml
+# itself only asks for a lower bound, so users elsewhere keep their own torch. The demo needs only the package
+# and its `demo` extra; the tests and the app add theirs (gradio, playwright, faiss).
+$(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,demo]"
+	$(BIN)/pip install --quiet -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-demo
+	$(BIN)/pip install --quiet -e ".[test,demo,app]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,5 +29,11 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 # The main job: pretrain on the synthetic world, evaluate, save, report (ARGS="--scale 2 --seed 1 ...").
-demo: setup
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m albef_hf.demo $(ARGS)
+
+# The interactive page of the demo's saved model (ARGS="--port 7861 --gallery-size 300 ..."), on 127.0.0.1.
+DEMO_MODEL := outputs/demo/model
+app: setup
+	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model in $(DEMO_MODEL): run 'make demo' first (about 7 minutes)"; exit 1; }
+	$(BIN)/python -m albef_hf.app --model $(DEMO_MODEL) $(ARGS)

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
+from . import hub
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import (
     AlbefGradCamOutput,
@@ -61,7 +62,7 @@ from .modeling_albef_downstream import (
     AlbefTextAssignmentOutput,
     answer_decoder_config,
 )
-from .pipelines_albef import (
+from .pipelines import (
     AlbefFeatureExtractionPipeline,
     AlbefImageTextMatchingPipeline,
     AlbefImageTextRetrievalPipeline,
@@ -72,7 +73,7 @@ from .pipelines_albef import (
     checkpoint_loader,
 )
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
-from .retrieval_index import AlbefRetrievalIndex
+from .retrieval_index import AlbefRetrievalIndex, build_retrieval_index
 
 __version__ = "0.1.0"
 
@@ -110,6 +111,7 @@ __all__ = [
     "AlbefVisualQuestionAnsweringPipeline",
     "answer_decoder_config",
     "box_iou",
+    "build_retrieval_index",
     "gradcam_itc",
     "gradcam_itm",
     "grounding_accuracy",
@@ -142,6 +144,7 @@ def _register() -> None:
     AlbefImageProcessor.register_for_auto_class("AutoImageProcessor")
     AlbefProcessor.register_for_auto_class("AutoProcessor")
     _register_pipelines()
+    hub.extend()
 
 
 # The tasks albef_hf serves with `pipeline()` and their pipelines; each pipeline names the ALBEF classes whose

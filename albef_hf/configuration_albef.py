@@ -6,6 +6,7 @@ BERT-base text side split into 6 text-only layers and 6 fusion layers with cross
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -32,6 +33,12 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: whether the fused query/key/value projection has a bias.
         hidden_dropout_prob: dropout after attention and MLP outputs.
         attention_probs_dropout_prob: dropout on attention probabilities.
+        conv_stem_channels: `None` (the default, ViT and ALBEF): each patch is one strided convolution. A list
+            `[c1, ..., cn]` puts a convolutional stem before it, as hybrid ViTs do: n 3x3 convolutions of stride 2
+            with c1, ..., cn channels (GroupNorm and GELU after each), then a convolution over the remaining
+            `patch_size / 2**n` pixels to the tokens; `patch_size` must be a multiple of `2**n`. Local features
+            (edges, corners) then come from convolutions, which learn from few images what a from-scratch ViT
+            learns from many; see the README's "Fine-tuning on your own data".
     """
 
     model_type = "albef_vision_model"
@@ -51,8 +58,28 @@ class AlbefVisionConfig(PreTrainedConfig):
         qkv_bias: bool = True,
         hidden_dropout_prob: float = 0.0,
         attention_probs_dropout_prob: float = 0.0,
+        conv_stem_channels: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "vision",
+            dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                 intermediate_size=intermediate_size, image_size=image_size, patch_size=patch_size,
+                 num_channels=num_channels),
+            dict(hidden_dropout_prob=hidden_dropout_prob, attention_probs_dropout_prob=attention_probs_dropout_prob),
+            dict(layer_norm_eps=layer_norm_eps),
+        )  # fmt: skip
+        if conv_stem_channels is not None:
+            conv_stem_channels = [int(channels) for channels in conv_stem_channels]
+            if not conv_stem_channels or min(conv_stem_channels) < 1:
+                raise ValueError(
+                    f"conv_stem_channels must be positive channel counts, got {conv_stem_channels}"
+                )
+            if patch_size % 2 ** len(conv_stem_channels) != 0:
+                raise ValueError(
+                    f"patch_size ({patch_size}) must be a multiple of 2**len(conv_stem_channels) "
+                    f"({2 ** len(conv_stem_channels)}): each stem convolution halves the resolution"
+                )
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"vision hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -71,6 +98,7 @@ class AlbefVisionConfig(PreTrainedConfig):
         self.qkv_bias = qkv_bias
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.conv_stem_channels = conv_stem_channels
         super().__init__(**kwargs)
 
     @property
@@ -123,6 +151,15 @@ class AlbefTextConfig(PreTrainedConfig):
         mask_token_id: int = 103,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "text",
+            dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                 num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                 max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size,
+                 fusion_layer=fusion_layer),
+            dict(hidden_dropout_prob=hidden_dropout_prob, attention_probs_dropout_prob=attention_probs_dropout_prob),
+            dict(layer_norm_eps=layer_norm_eps),
+        )  # fmt: skip
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"text hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
@@ -212,6 +249,15 @@ class AlbefConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
+        _check_numbers(
+            "ALBEF",
+            dict(embed_dim=embed_dim),
+            dict(mlm_probability=mlm_probability),
+            dict(temp=temp, temp_min=temp_min, temp_max=temp_max),
+        )
+        for name, weight in dict(itc_weight=itc_weight, itm_weight=itm_weight, mlm_weight=mlm_weight).items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ValueError(f"ALBEF {name} must be a finite number >= 0, got {weight!r}")
         vision_config = _as_config(vision_config, AlbefVisionConfig)
         text_config = _as_config(text_config, AlbefTextConfig)
         if image_size is not None:
@@ -250,6 +296,23 @@ class AlbefConfig(PreTrainedConfig):
     def image_size(self) -> int:
         """Side of the square input image in pixels."""
         return self.vision_config.image_size
+
+
+def _check_numbers(
+    what: str, integers: dict[str, Any], fractions: dict[str, Any], positive: dict[str, Any]
+) -> None:
+    """Refuse config values that could only fail later, deep inside torch, with an unclear error (a config.json
+    edited by hand or damaged): `integers` must be ints >= 1 (layer counts and indices: >= 0), `fractions`
+    numbers in [0, 1], `positive` numbers > 0."""
+    for name, value in integers.items():
+        lowest = 0 if name in ("num_hidden_layers", "fusion_layer") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{what} {name} must be an integer >= {lowest}, got {value!r}")
+    for name, value in {**fractions, **positive}.items():
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or (value <= 0 if name in positive else not 0 <= value <= 1):
+            bound = "> 0" if name in positive else "in [0, 1]"
+            raise ValueError(f"{what} {name} must be a finite number {bound}, got {value!r}")
 
 
 def _as_config(value: PreTrainedConfig | dict | None, cls: type[PreTrainedConfig]) -> PreTrainedConfig:

@@ -148,7 +148,7 @@ def load_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
 
     Raises:
         CheckpointError: the file is missing, is not a PyTorch checkpoint, holds objects that would run code,
-            or holds no state dict of tensors.
+            holds no state dict of tensors, or NaN or infinite values.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -182,6 +182,16 @@ def _find_state_dict(loaded: Any, path: str) -> dict[str, torch.Tensor]:
     if not_tensors:
         raise CheckpointError(
             f"{path!r} is not a state dict: these entries are not tensors: {_names(not_tensors)}"
+        )
+    not_finite = sorted(
+        str(key)
+        for key, value in loaded.items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    )
+    if not_finite:
+        raise CheckpointError(
+            f"{path!r} holds NaN or infinite values in {_names(not_finite)}: a damaged checkpoint, or one saved "
+            "after training diverged"
         )
     return dict(loaded)
 

@@ -1,8 +1,10 @@
 """Sharing ALBEF checkpoints through the Hub: one upload of model, processor and model card.
 
-`AlbefPreTrainedModel.push_to_hub` and `AlbefProcessor.push_to_hub` both come here, so that a repository gets the
-weights, the code that loads them with `trust_remote_code` (models, processor, pipelines), the processor files and
-an ALBEF model card in a single commit. transformers' own `push_to_hub` would write a generic card instead.
+This layer extends the model and processor classes from outside (`extend`, called when albef_hf is imported):
+their `push_to_hub` come here, so that a repository gets the weights, the code that loads them with
+`trust_remote_code` (models, processor, pipelines), the processor files and an ALBEF model card in a single
+commit. transformers' own `push_to_hub` would write a generic card instead. The models do not import this module
+nor the card writer; a folder loaded as remote code, without albef_hf, has transformers' `push_to_hub`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from .modelcard import AlbefCardInfo, build_model_card, save_model_card, task_for_model_class
+from .modeling_albef import AlbefPreTrainedModel, upload_folder
+from .processing_albef import AlbefProcessor
 
-__all__ = ["push_to_hub", "save_for_hub", "upload_folder"]
+__all__ = ["extend", "push_to_hub", "save_for_hub", "upload_folder"]
 
 
 def save_for_hub(
@@ -92,35 +96,84 @@ def push_to_hub(
         )
 
 
-def upload_folder(
-    folder: str | os.PathLike,
+def _what(model: Any, processor: Any) -> str:
+    parts = ([type(model).__name__] if model is not None else []) + (
+        ["processor"] if processor is not None else []
+    )
+    return " and ".join(parts)
+
+
+def push_model_to_hub(
+    self: AlbefPreTrainedModel,
     repo_id: str,
+    *,
+    processor: AlbefProcessor | None = None,
+    model_card: AlbefCardInfo | Any = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    api: HfApi | None = None,
+    max_shard_size: int | str = "50GB",
+    tags: list[str] | None = None,
 ):
-    """Upload every file of `folder` to `repo_id` (created when missing; `revision` is a branch, created when
-    missing) in one commit; returns the `CommitInfo`."""
-    api = api or HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=os.fspath(folder),
-        commit_message=commit_message or "Upload with albef-hf",
+    """Upload this model, its `processor` and an ALBEF model card to the Hub repository `repo_id`, in one
+    commit (transformers' version would write a generic card).
+
+    Args:
+        processor: the `AlbefProcessor` to upload with the model.
+        model_card: an `albef_hf.modelcard.AlbefCardInfo` (or a `huggingface_hub.ModelCard`); by default a
+            card is built from this model's task and class.
+        tags: more Hub tags for the default card.
+        others: as in transformers' `push_to_hub`.
+    """
+    return push_to_hub(
+        repo_id,
+        model=self,
+        processor=processor,
+        model_card=model_card,
+        commit_message=commit_message,
         commit_description=commit_description,
+        private=private,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        max_shard_size=max_shard_size,
+        tags=tags,
+    )
+
+
+def push_processor_to_hub(
+    self: AlbefProcessor,
+    repo_id: str,
+    *,
+    model: AlbefPreTrainedModel | None = None,
+    model_card: AlbefCardInfo | Any = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Upload this processor (with `model` and an ALBEF model card when a model is given) to the Hub repository
+    `repo_id` in one commit; see `push_model_to_hub`."""
+    return push_to_hub(
+        repo_id,
+        model=model,
+        processor=self,
+        model_card=model_card,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        private=private,
+        token=token,
         revision=revision,
         create_pr=create_pr,
     )
 
 
-def _what(model: Any, processor: Any) -> str:
-    parts = ([type(model).__name__] if model is not None else []) + (
-        ["processor"] if processor is not None else []
-    )
-    return " and ".join(parts)
+def extend() -> None:
+    """Give `AlbefPreTrainedModel` and `AlbefProcessor` their `push_to_hub` with an ALBEF model card."""
+    AlbefPreTrainedModel.push_to_hub = push_model_to_hub
+    AlbefProcessor.push_to_hub = push_processor_to_hub

@@ -28,18 +28,23 @@ def to_pil_rgb(image: Any) -> PIL.Image.Image:
     read as 0..255; float arrays as 0..1 (values are clipped). Alpha is dropped.
 
     Raises:
-        ValueError: when the input is not an image, is empty, or has an unsupported channel count.
+        ValueError: when the input is not an image, is empty, has an unsupported channel count, or holds NaN
+            or infinite values.
     """
     if isinstance(image, (str, os.PathLike)):
         try:
             with PIL.Image.open(image) as opened:
                 image = opened.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as error:
+        except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"could not read an image from {str(image)!r}: {error}") from error
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"got an empty image of size {image.width}x{image.height}")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        try:
+            image.load()  # decodes a lazily opened image: a truncated file fails here, not in a later step
+            return image if image.mode == "RGB" else image.convert("RGB")
+        except OSError as error:
+            raise ValueError(f"could not decode the image: {error}") from error
     if hasattr(image, "detach") and hasattr(image, "cpu"):  # torch.Tensor, without importing torch here
         image = (
             image.detach().cpu().float().numpy()
@@ -68,6 +73,12 @@ def _to_uint8_hwc(array: np.ndarray) -> np.ndarray:
     else:
         raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            # clipping would silently turn them into black pixels
+            raise ValueError(
+                f"the image array holds {int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} "
+                "infinite values"
+            )
         array = np.clip(np.rint(array * 255.0), 0, 255)
     elif array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"unsupported image array dtype {array.dtype}")

@@ -6,13 +6,16 @@ they look alike and validate as Hub card metadata.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# The card reads the classes (their tasks, pipelines and Auto classes); the models know nothing of cards.
+from . import modeling_albef_downstream  # noqa: F401  (defines the task models looked up by name)
+from .modeling_albef import AlbefContrastiveMixin, AlbefPreTrainedModel
 
 __all__ = [
     "AlbefCardInfo",
@@ -42,13 +45,12 @@ TASKS = {
 
 
 def _model_class(name: str) -> type | None:
-    # The package, imported here (the modeling code imports this module) by name, not by an `import albef_hf`
-    # statement: a folder's copy of this module must load where albef_hf is not installed. Importing it
-    # registers the pipelines.
-    package = importlib.import_module(__package__)
-    cls = vars(package).get(name)  # not getattr: that would import the lazily loaded training modules
-    base = vars(package).get("AlbefPreTrainedModel")
-    return cls if isinstance(cls, type) and base is not None and issubclass(cls, base) else None
+    classes = {cls.__name__: cls for cls in _subclasses(AlbefPreTrainedModel)}
+    return classes.get(name)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def served_pipelines(model_class: str, task: str | None = None) -> tuple[str, ...]:
@@ -61,8 +63,6 @@ def served_pipelines(model_class: str, task: str | None = None) -> tuple[str, ..
     cls = _model_class(model_class)
     if cls is None:
         return ()
-    from .modeling_albef import AlbefContrastiveMixin, AlbefPreTrainedModel
-
     tasks = [
         name
         for name, pipeline_class in AlbefPreTrainedModel.folder_pipelines.items()

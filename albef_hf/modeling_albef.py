@@ -7,21 +7,28 @@ names), `text_encoder.bert.*` -> `text_encoder.*`, `text_encoder.cls.predictions
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
 
-from .configuration_albef import AlbefConfig, AlbefVisionConfig
+from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .losses import (
     contrastive_targets,
     distilled_targets,
@@ -38,6 +45,8 @@ from .modeling_albef_text import (
     attention_forward,
     text_lengths,
 )
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "AlbefForImageTextRetrieval",
@@ -80,16 +89,40 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     return torch.cat([cls_pos, grid], dim=1)
 
 
+class AlbefConvStemLayer(nn.Module):
+    """A 3x3 convolution of stride 2, GroupNorm (one group: no batch statistics to keep) and GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.GroupNorm(1, out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(pixels)))
+
+
 class AlbefPatchEmbed(nn.Module):
-    """Non-overlapping patches projected by a strided convolution."""
+    """Non-overlapping patches projected by a strided convolution, after an optional convolutional stem.
+
+    Without `config.conv_stem_channels` this is ViT's patch embedding (`proj`, the only parameters). With it,
+    `stem` halves the resolution per layer and `proj` covers the remaining `patch_size / 2**n` pixels, so the
+    tokens are the same grid as without a stem.
+    """
 
     def __init__(self, config: AlbefVisionConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        channels = [config.num_channels, *(config.conv_stem_channels or [])]
+        if config.conv_stem_channels:
+            self.stem = nn.Sequential(
+                *(AlbefConvStemLayer(a, b) for a, b in zip(channels[:-1], channels[1:], strict=True))
+            )
+        stride = config.patch_size // 2 ** (len(channels) - 1)
+        self.proj = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=stride, stride=stride)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "stem"):
+            pixel_values = self.stem(pixel_values)
         return self.proj(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -364,6 +397,32 @@ class AlbefPreTrainingOutput(AlbefRetrievalOutput):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_model_folder(folder: str, needs_config: bool = True) -> None:
+    """Refuse a saved-model folder that cannot load, saying why (transformers would raise OSError, or the
+    safetensors reader its own error type). `needs_config`: no config object was passed to `from_pretrained`."""
+    config = os.path.join(folder, "config.json")
+    if needs_config and not os.path.isfile(config):
+        raise FileNotFoundError(f"{folder!r} has no config.json: not a saved model folder")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as file:
+                settings = json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config!r} is not valid JSON: {error}") from error
+        if not isinstance(settings, dict):
+            raise ValueError(f"{config!r} must hold a JSON object, got {type(settings).__name__}")
+    names = os.listdir(folder)
+    weights = [name for name in names if name.endswith(".safetensors")]
+    if not weights and not any(name.endswith((".bin", ".index.json")) for name in names):
+        raise FileNotFoundError(f"{folder!r} has no weights file (model.safetensors)")
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass  # opening reads and checks the header against the file's size
+        except SafetensorError as error:
+            raise ValueError(f"{os.path.join(folder, name)!r} is damaged or truncated: {error}") from error
+
+
 class AlbefPreTrainedModel(PreTrainedModel):
     """Weight initialisation, attention back-ends and the encoders shared by every ALBEF model."""
 
@@ -381,6 +440,49 @@ class AlbefPreTrainedModel(PreTrainedModel):
         # transformers resolves the attention implementation (SDPA by default) on the top-level config only, but the
         # encoders read it from their sub-configs: hand it down, or they would silently run eager.
         self.config._attn_implementation = self.config._attn_implementation
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, with clear errors for a damaged local folder.
+
+        Raises:
+            FileNotFoundError: the folder has no config.json or no weights file.
+            ValueError: config.json is not a JSON object, a safetensors file is truncated or damaged, or the
+                weights do not have the shapes the config describes.
+        """
+        folder = pretrained_model_name_or_path
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            subfolder = kwargs.get("subfolder")
+            _check_model_folder(
+                os.path.join(folder, subfolder) if subfolder else os.fspath(folder),
+                needs_config=kwargs.get("config") is None,
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"the weights in {os.fspath(folder)!r} do not have the shapes its config describes (an edited or "
+                "damaged config.json?); the report above lists them"
+            ) from error
+
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Run every attention of the model with `"eager"` or `"sdpa"` (`"flash_attention_*"` where installed).
+
+        transformers' own method would warn, once per sub-config, that it cannot check the sub-models ("You may
+        encounter undefined behavior"): ALBEF's encoders are plain modules reading their sub-configs, and every
+        one of them supports both implementations, so the implementation is set on the configs directly.
+        """
+        if isinstance(attn_implementation, dict) or attn_implementation not in (
+            "eager",
+            *ALL_ATTENTION_FUNCTIONS.valid_keys(),
+        ):
+            raise ValueError(
+                f"attn_implementation must be 'eager' or one of {sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())} "
+                f"(one for every encoder), got {attn_implementation!r}"
+            )
+        self.config._attn_implementation = attn_implementation
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -407,7 +509,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
         - every ALBEF Auto class of this module goes in `auto_map` (transformers records only the saved model's
           own), so that a folder written by one ALBEF model loads as any other with `trust_remote_code`;
         - the pipelines this model serves go in `config.custom_pipelines` (loading the folder with this model's
-          own Auto class) and their code is copied next to the model's.
+          own Auto class) and their code is copied next to the model's (flattened: see `_save_flat_code`).
 
         With `push_to_hub=True` the folder is uploaded once it is complete (`repo_id`, `commit_message`,
         `private`, `token`, `revision`, `create_pr` as in `push_to_hub`).
@@ -433,11 +535,10 @@ class AlbefPreTrainedModel(PreTrainedModel):
             # the declaration is for the folder; in memory this package's registry serves the tasks
             self.config.__dict__.pop("custom_pipelines", None)
         if is_main_process:
-            for pipeline_class in dict.fromkeys(pipelines.values()):
-                custom_object_save(pipeline_class, save_directory)
+            _save_flat_code(
+                [sys.modules[cls.__module__].__file__ for cls in pipelines.values()], save_directory
+            )
         if push_to_hub and is_main_process:
-            from .hub import upload_folder
-
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             upload_folder(save_directory, repo_id, **hub_kwargs)
 
@@ -449,75 +550,51 @@ class AlbefPreTrainedModel(PreTrainedModel):
             if name in getattr(cls, "checkpoint_classes", ())
         }
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        processor=None,
-        model_card=None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Upload this model, its `processor` and an ALBEF model card to the Hub repository `repo_id`, in one
-        commit (transformers' version would write a generic card).
-
-        Args:
-            processor: the `AlbefProcessor` to upload with the model.
-            model_card: an `albef_hf.modelcard.AlbefCardInfo` (or a `huggingface_hub.ModelCard`); by default a
-                card is built from this model's task and class.
-            tags: more Hub tags for the default card.
-            others: as in transformers' `push_to_hub`.
-        """
-        from .hub import push_to_hub
-
-        return push_to_hub(
-            repo_id,
-            model=self,
-            processor=processor,
-            model_card=model_card,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            max_shard_size=max_shard_size,
-            tags=tags,
-        )
-
     @classmethod
     def from_vision_text_pretrained(
         cls,
-        vision_path: str,
-        text_path: str,
+        vision_path: str | os.PathLike | None = None,
+        text_path: str | os.PathLike | None = None,
         fusion_layer: int | None = None,
         image_size: int | None = None,
         output_loading_info: bool = False,
+        vision_config: AlbefVisionConfig | dict | None = None,
+        text_config: AlbefTextConfig | dict | None = None,
         **config_kwargs,
     ):
-        """Build this ALBEF model from a saved transformers ViT and a saved BERT (folders or Hub ids).
+        """Build this ALBEF model from a saved transformers ViT and/or a saved BERT (folders or Hub ids).
 
         The BERT's first `fusion_layer` layers (default: half of them) become the text encoder; the following
         layers' self-attention and feed-forward become the fusion layers, whose cross-attention is new; a
         masked-LM head initialises `mlm_head` when the BERT checkpoint has one. Position embeddings are resized
         when `image_size` differs from the ViT's. `config_kwargs` go to `AlbefConfig` (e.g. `embed_dim`).
 
+        Either tower may be left out (`None`): it is then built new from `vision_config` / `text_config` (its
+        sizes; default ViT-B/16 / BERT-base), as when a pretrained BERT meets a vision tower trained from scratch.
+        A configuration for a tower that comes from a checkpoint is refused: the checkpoint fixes it.
+
         Returns:
             The model, or `(model, TowerLoadingReport)` with `output_loading_info=True`; the report lists the
-            tensors copied from each tower and those newly initialised (also logged).
+            tensors copied from each tower and those newly initialised (its summary is logged when the report is
+            not returned). A task model built from this one by `from_pretrained_albef` reports the weights that
+            started new here, and have not changed since (by training or loading), as newly initialised.
         """
         from .pretrained_towers import build_from_towers
 
         model, report = build_from_towers(
-            cls, vision_path, text_path, fusion_layer, image_size, **config_kwargs
+            cls,
+            vision_path,
+            text_path,
+            fusion_layer,
+            image_size,
+            vision_config=vision_config,
+            text_config=text_config,
+            **config_kwargs,
         )
-        return (model, report) if output_loading_info else model
+        if output_loading_info:
+            return model, report
+        logger.warning("%s", report)
+        return model
 
     def _build_encoders(self, config: AlbefConfig) -> None:
         self.vision_model = AlbefVisionModel(config.vision_config)
@@ -1275,6 +1352,34 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         return output if _use_return_dict(self, return_dict) else output.to_tuple()
 
 
+def upload_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api: HfApi | None = None,
+):
+    """Upload every file of `folder` to `repo_id` (created when missing; `revision` is a branch, created when
+    missing) in one commit; returns the `CommitInfo`. `save_pretrained(push_to_hub=True)` uploads with it, and
+    the Hub layer (`albef_hf.hub`) too."""
+    api = api or HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message or "Upload with albef-hf",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
 def _module_auto_map(model_class: type) -> dict[str, str]:
     module = model_class.__module__
     auto_map = {"AutoConfig": f"{AlbefConfig.__module__.split('.')[-1]}.{AlbefConfig.__name__}"}
@@ -1284,6 +1389,35 @@ def _module_auto_map(model_class: type) -> dict[str, str]:
     if "AutoModel" in auto_map:  # the base model also serves zero-shot image classification
         auto_map["AutoModelForZeroShotImageClassification"] = auto_map["AutoModel"]
     return auto_map
+
+
+# `from .name import` and `from ..name import` statements (at any indentation), as transformers finds relative imports
+_RELATIVE_IMPORT = re.compile(r"^([ \t]*)from\s+(\.{1,2})(\w+)\s+import", flags=re.MULTILINE)
+
+
+def _save_flat_code(module_files: list[str], folder: str | os.PathLike) -> None:
+    """Copy `module_files` and every module they import relatively (recursively) into `folder`, flat.
+
+    A folder's remote code is one flat directory (transformers resolves `module.Class` references and single-dot
+    imports there), while the pipelines sit in a subpackage that imports albef_hf's modules as `from ..name`:
+    the copies import them as neighbours, `from .name`.
+
+    Raises:
+        ValueError: when two modules would land on one file name.
+    """
+    sources: dict[str, Path] = {}
+    pending = [Path(file) for file in module_files]
+    while pending:
+        path = pending.pop()
+        if sources.setdefault(path.name, path) != path:
+            raise ValueError(f"{path} and {sources[path.name]} would both be saved as {path.name}")
+        for _, dots, name in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8")):
+            imported = (path.parent if dots == "." else path.parent.parent) / f"{name}.py"
+            if imported not in sources.values() and imported not in pending:
+                pending.append(imported)
+    for name, path in sources.items():
+        code = _RELATIVE_IMPORT.sub(r"\1from .\3 import", path.read_text(encoding="utf-8"))
+        Path(folder, name).write_text(code, encoding="utf-8")
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -256,7 +256,9 @@ class AlbefTaskModel(AlbefPreTrainedModel):
 
         Returns:
             The model, or `(model, report)` with `output_loading_info=True`; `print(report)` lists, module by
-            module, what was copied, duplicated, interpolated and newly initialised (its summary is also logged).
+            module, what was copied, duplicated, interpolated and newly initialised (its summary is logged when
+            the report is not returned). Weights that the source model itself started new (see
+            `from_vision_text_pretrained`) count as newly initialised, not as copied.
         """
         source_model = _read_source(source, **(load_kwargs or {}))
         config = cls._task_config(source_model, image_size, **config_kwargs)
@@ -265,8 +267,10 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         report.source = type(source_model).__name__ + (
             "" if isinstance(source, nn.Module) else f" ({source})"
         )
+        if output_loading_info:
+            return model, report
         logger.warning("%s.from_pretrained_albef %s", cls.__name__, report.summary())
-        return (model, report) if output_loading_info else model
+        return model
 
     @classmethod
     def _task_config(
@@ -292,11 +296,19 @@ class AlbefTaskModel(AlbefPreTrainedModel):
         plan = {key: self._source_key(key, source) for key in self.state_dict()}
         uses = Counter(plan.values())
         report = AlbefInitReport()
+        # weights the source itself started fresh and has not changed since (a tower built new by
+        # from_vision_text_pretrained, its MLM head when the BERT had none) are not pretrained: they are reported
+        # as new, and this model keeps its own
+        fresh_versions = getattr(source, "newly_initialized_versions", {})
+        source_new = {key for key, version in fresh_versions.items() if source_state[key]._version == version}
         for key, target in self.state_dict(keep_vars=True).items():
             source_key = plan[key]
             value = source_state.get(source_key)
             if value is None:
                 report.initialized[key] = "not in the source"
+                continue
+            if source_key in source_new:
+                report.initialized[key] = "newly initialised in the source"
                 continue
             kind = report.duplicated if uses[source_key] > 1 else report.copied
             if value.shape != target.shape and key.endswith("vision_model.pos_embed"):
@@ -540,9 +552,16 @@ class AlbefForQuestionAnswering(AlbefTaskModel, GenerationMixin):
            original counts the first token in both terms, and so does this.
         3. The k scores are turned into probabilities by a softmax and sorted.
 
+        The scores equal the original's (which decodes every kept answer in full, padding included, with its own
+        copy of the question states, and takes a log-softmax over the vocabulary at every position) within float
+        rounding, with less work: the kept answers are decoded as a prefix tree continuing step 1's [CLS] step, the
+        question states' cross-attention keys/values are projected once per question, and the vocabulary is
+        scored once per distinct answer prefix (`answer_token_log_probs`).
+
         Args:
             answer_input_ids, answer_attention_mask: `(num_answers, answer_len)` the list, each "[CLS] answer [SEP]"
-                padded (the original tokenises `answer + " [SEP]"`).
+                padded on the right (the original tokenises `answer + " [SEP]"`); without a mask, padding is
+                recognised by the decoder's pad id.
             input_ids, pixel_values, attention_mask: the questions and their images, or
             question_states, question_attention_mask: their precomputed states.
             k: candidates re-scored per question (128 in the original; at most the list size).
@@ -553,22 +572,25 @@ class AlbefForQuestionAnswering(AlbefTaskModel, GenerationMixin):
             )
         num_questions, num_answers = question_states.shape[0], answer_input_ids.shape[0]
         k = min(k, num_answers)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         start = answer_input_ids[:1, :1].expand(num_questions, 1)
-        first_logits = self.decode(start, question_states, question_attention_mask)[0][:, 0]
-        first_probs = first_logits.softmax(dim=-1).index_select(1, answer_input_ids[:, 1])
+        first_logits = self.decode(start, question_states, question_attention_mask, cache=cache)[0][:, 0]
+        first_tokens = answer_input_ids[:, 1]
+        first_probs = first_logits.softmax(dim=-1).index_select(1, first_tokens)
         top_probs, top_ids = first_probs.topk(k, dim=1)
+        first_log_probs = first_logits.float().log_softmax(dim=-1).gather(1, first_tokens[top_ids])
 
-        candidates = answer_input_ids[top_ids.reshape(-1)]
-        candidate_mask = None if answer_attention_mask is None else answer_attention_mask[top_ids.reshape(-1)]
-        labels = candidates.masked_fill(candidates == self.config.decoder_config.pad_token_id, -100)
-        mask = (
-            question_attention_mask.repeat_interleave(k, dim=0)
-            if question_attention_mask is not None
-            else None
+        if answer_attention_mask is None:
+            answer_attention_mask = answer_input_ids != self.config.decoder_config.pad_token_id
+        later_log_probs = self._later_token_log_probs(
+            answer_input_ids,
+            answer_attention_mask.bool(),
+            top_ids,
+            cache,
+            question_states,
+            question_attention_mask,
         )
-        logits, _ = self.decode(candidates, question_states.repeat_interleave(k, dim=0), mask, candidate_mask)
-        answer_loss = answer_sequence_loss(logits, labels)
-        scores = top_probs.log() - answer_loss.view(num_questions, k)
+        scores = top_probs.log() + first_log_probs + later_log_probs
 
         probs, order = scores.softmax(dim=-1).topk(k, dim=1)
         return AlbefAnswerRankingOutput(
@@ -578,6 +600,73 @@ class AlbefForQuestionAnswering(AlbefTaskModel, GenerationMixin):
             first_token_logits=first_logits,
             question_states=question_states,
         )
+
+    def _later_token_log_probs(
+        self,
+        answer_input_ids: torch.Tensor,
+        answer_valid: torch.Tensor,
+        top_ids: torch.Tensor,
+        cache: EncoderDecoderCache,
+        question_states: torch.Tensor,
+        question_attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`(num_questions, k)` sum of `log p(token | previous)` over the tokens after the first of each kept answer.
+
+        The kept answers of a question are decoded as a prefix tree, one token position at a time: position t
+        runs the decoder once per distinct (question, answer prefix of t + 1 tokens) that still predicts a token,
+        continuing the keys/values of its prefix in `cache` (which starts with each question's [CLS] step), and
+        scores the vocabulary once per such prefix. Answers sharing a prefix ("top left", "top right") share its
+        work, and padding and final [SEP] tokens are never decoded (they predict nothing).
+        """
+        num_questions, k = top_ids.shape
+        device = answer_input_ids.device
+        answers = top_ids.reshape(-1)
+        tokens, valid = answer_input_ids[answers], answer_valid[answers]
+        total = torch.zeros(num_questions * k, device=device)
+        # the row of each candidate's prefix in the cache: its question's [CLS] step to start with
+        row = torch.arange(num_questions, device=device).repeat_interleave(k)
+        row_question = torch.arange(num_questions, device=device)
+        vocab_size = self.config.decoder_config.vocab_size
+        for position in range(1, tokens.shape[1] - 1):
+            active = valid[:, position + 1].nonzero(as_tuple=True)[0]
+            if active.numel() == 0:
+                break
+            prefixes, prefix_of = torch.unique(
+                row[active] * vocab_size + tokens[active, position], return_inverse=True
+            )
+            parent = prefixes // vocab_size
+            cache.self_attention_cache.batch_select_indices(parent)
+            row_question = row_question[parent]
+            hidden = self.text_decoder(
+                input_ids=(prefixes % vocab_size)[:, None],
+                encoder_hidden_states=question_states,
+                encoder_attention_mask=question_attention_mask,
+                encoder_index=row_question,
+                mode="multimodal",
+                cache=cache,
+            ).last_hidden_state[:, 0]
+            total[active] += self.answer_token_log_probs(hidden, prefix_of, tokens[active, position + 1])
+            row[active] = prefix_of  # answers that ended keep a stale row: they are never active again
+        return total.view(num_questions, k)
+
+    def answer_token_log_probs(
+        self, hidden_states: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 256
+    ) -> torch.Tensor:
+        """`log p(tokens[i])` at decoder state `hidden_states[rows[i]]` under the answer head, `(len(tokens),)`, fp32.
+
+        Each state is scored over the vocabulary once, however many tokens are read from it, `chunk_size` states
+        at a time to bound memory. A row-wise `log_softmax` and a gather, because on a CPU torch's `logsumexp`
+        over the vocabulary costs 3-4x the projection itself and `log_softmax` about as much as it.
+        """
+        transformed = self.answer_head.transform(hidden_states)
+        weight = self.text_decoder.embeddings.word_embeddings.weight
+        log_probs = torch.empty(tokens.shape[0], device=tokens.device)
+        for begin in range(0, transformed.shape[0], chunk_size):
+            chunk = F.linear(transformed[begin : begin + chunk_size], weight, self.answer_head.bias)
+            chunk = chunk.float().log_softmax(dim=-1)
+            wanted = ((rows >= begin) & (rows < begin + chunk_size)).nonzero(as_tuple=True)[0]
+            log_probs[wanted] = chunk[rows[wanted] - begin, tokens[wanted]]
+        return log_probs
 
     @torch.no_grad()
     def generate(

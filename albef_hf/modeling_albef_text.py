@@ -273,6 +273,11 @@ class AlbefTextSelfAttention(nn.Module):
             key, value = self._cached_key_value(
                 hidden_states if key_value_states is None else key_value_states, cache
             )
+        group = _group_size(key_value_index, key.shape[0]) if key_value_index is not None else None
+        if group is not None and query.shape[2] == 1 and packing is None and not output_attentions:
+            # one-token rows, `group` consecutive ones per key row (VQA candidates of one question): they attend as
+            # the `group` queries of one sequence, without a copy of the keys/values per row
+            return self._attend_grouped(query, key, value, attention_mask, group), None
         if key_value_index is not None:
             # keys/values were projected once per distinct image; each text row picks its image's
             key, value = key[key_value_index], value[key_value_index]
@@ -289,6 +294,41 @@ class AlbefTextSelfAttention(nn.Module):
         )
         output = output.reshape(*output.shape[:2], -1)
         return (output if packing is None else packing.pack(output)), probs
+
+    def _attend_grouped(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        group: int,
+    ) -> torch.Tensor:
+        """Attention of `(groups * group, heads, 1, head_dim)` queries, rows `g * group ...` reading key row `g`."""
+        rows, heads, _, head_dim = query.shape
+        grouped = query.view(rows // group, group, heads, head_dim).transpose(1, 2)
+        if attention_mask is not None:  # the rows of a group share their key row's mask
+            attention_mask = attention_mask[::group]
+        output, _ = attention_forward(
+            self,
+            self.config._attn_implementation,
+            grouped,
+            key,
+            value,
+            attention_mask,
+            self.scaling,
+            self.dropout_prob if self.training else 0.0,
+            False,
+        )
+        return output.reshape(rows, 1, heads * head_dim)
+
+
+def _group_size(index: torch.Tensor, num_keys: int) -> int | None:
+    """`n` when `index` is `[0] * n + [1] * n + ... + [num_keys - 1] * n`, else None."""
+    if index.dim() != 1 or index.shape[0] % num_keys:
+        return None
+    group = index.shape[0] // num_keys
+    expected = torch.arange(num_keys, device=index.device).repeat_interleave(group)
+    return group if torch.equal(index, expected) else None
 
 
 class AlbefTextResidualOutput(nn.Module):

@@ -1,15 +1,20 @@
-"""Build an ALBEF model from a separately pretrained vision transformer and BERT-like text model.
+"""Build an ALBEF model from a separately pretrained vision transformer and/or BERT-like text model.
 
-The vision tower comes from any saved transformers ViT (`ViTModel`, DeiT checkpoints saved as ViT, ...): its
+Either tower may be pretrained or new: a tower without a checkpoint is built from its configuration (its sizes
+are the caller's) and starts from a fresh initialisation. The vision tower comes from any saved transformers ViT (`ViTModel`, DeiT checkpoints saved as ViT, ...): its
 separate query/key/value projections are fused into ALBEF's `attn.qkv`. The text side comes from a BERT
 checkpoint: the text layers below `fusion_layer` take the BERT's first layers, the fusion layers take the
 following layers' self-attention and feed-forward weights, and their cross-attention starts random, as in
 ALBEF's own initialisation from bert-base-uncased. A BERT masked-LM head, when present, initialises the MLM head.
+
+A plain `BertModel` folder (all-MiniLM-L6-v2, for example) is read as the base model it is, so transformers
+prints no warning about a missing head: the report says that the MLM head starts new.
 """
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,17 +31,32 @@ __all__ = ["TowerLoadingReport", "build_from_towers"]
 
 @dataclass
 class TowerLoadingReport:
-    """What `from_vision_text_pretrained` did: the ALBEF keys copied from each tower, and those left new."""
+    """What `from_vision_text_pretrained` did: the ALBEF keys copied from each tower, and those left new.
+
+    `vision_source` / `text_source` name the checkpoint of each tower, or are `None` for a tower built new from
+    its configuration (all of whose weights are then in `newly_initialized`).
+    """
 
     from_vision: list[str] = field(default_factory=list)
     from_text: list[str] = field(default_factory=list)
     newly_initialized: list[str] = field(default_factory=list)
+    vision_source: str | None = None
+    text_source: str | None = None
 
     def summary(self) -> str:
+        def tower(name: str, source: str | None, keys: list[str]) -> str:
+            return (
+                f"{len(keys)} tensors from the {name} model ({source})" if source else f"a new {name} tower"
+            )
+
         return (
-            f"{len(self.from_vision)} tensors from the vision model, {len(self.from_text)} from the text model, "
+            f"{tower('vision', self.vision_source, self.from_vision)}, "
+            f"{tower('text', self.text_source, self.from_text)}, "
             f"{len(self.newly_initialized)} newly initialised: {', '.join(_group(self.newly_initialized))}"
         )
+
+    def __str__(self) -> str:
+        return "from_vision_text_pretrained: " + self.summary()
 
 
 def _group(keys: list[str]) -> list[str]:
@@ -174,39 +194,89 @@ def _special_ids(text_path: str, vocab_size: int) -> dict[str, int]:
     return {name: getattr(tokenizer, name) for name in names if getattr(tokenizer, name, None) is not None}
 
 
+@contextmanager
+def _quiet_transformers():
+    """transformers' own loading report (a pooler or head missing or unexpected) would contradict ours, which
+    says what ALBEF took from each tower; its warnings are silenced while a tower is read."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _load_bert(text_path: str, bert_config: Any) -> tuple[Any, Any]:
+    """`(BertModel, BertOnlyMLMHead or None)` of a saved BERT.
+
+    The masked-LM class is used only for a checkpoint saved with a head (its `architectures` say so): reading a
+    plain `BertModel` folder through it would make transformers warn about missing and tied head weights.
+    """
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    architectures = getattr(bert_config, "architectures", None) or []
+    if not any(name.endswith(("ForMaskedLM", "ForPreTraining")) for name in architectures):
+        with _quiet_transformers():
+            return AutoModel.from_pretrained(text_path), None
+    with _quiet_transformers():
+        bert, info = AutoModelForMaskedLM.from_pretrained(text_path, output_loading_info=True)
+    head_loaded = not any(key.startswith("cls.predictions.transform") for key in info["missing_keys"])
+    return bert.bert, bert.cls.predictions if head_loaded else None
+
+
 def build_from_towers(
     model_class: type,
-    vision_path: str,
-    text_path: str,
+    vision_path: str | None,
+    text_path: str | None,
     fusion_layer: int | None = None,
     image_size: int | None = None,
+    vision_config: AlbefVisionConfig | dict | None = None,
+    text_config: AlbefTextConfig | dict | None = None,
     **config_kwargs: Any,
 ):
-    """Build `model_class` from a saved ViT and a saved BERT; returns `(model, TowerLoadingReport)`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    """Build `model_class` from a saved ViT and/or a saved BERT; returns `(model, TowerLoadingReport)`.
 
+    A tower whose path is None is built new from `vision_config` / `text_config` (default: ViT-B/16, BERT-base);
+    giving a configuration for a tower that comes from a checkpoint is an error, since the checkpoint fixes it.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    for name, path, given in (("vision", vision_path, vision_config), ("text", text_path, text_config)):
+        if path is not None and given is not None:
+            raise ValueError(
+                f"the {name} tower comes from {path}, whose configuration fixes its sizes: give "
+                f"{name}_config only for a {name} tower built new"
+            )
     # Both configs are checked before any weights are read, so a wrong tower fails with a clear message.
-    vision_config = _vision_config(AutoConfig.from_pretrained(vision_path), image_size)
-    bert_config = AutoConfig.from_pretrained(text_path)
-    _require_bert(bert_config)
-    text_config = _text_config(bert_config, fusion_layer, _special_ids(text_path, bert_config.vocab_size))
-    vit = AutoModel.from_pretrained(vision_path)
-    bert, info = AutoModelForMaskedLM.from_pretrained(text_path, output_loading_info=True)
+    if vision_path is not None:
+        vision_config = _vision_config(AutoConfig.from_pretrained(vision_path), image_size)
+    else:
+        vision_config = AlbefConfig(vision_config=vision_config, image_size=image_size).vision_config
+    if text_path is not None:
+        bert_config = AutoConfig.from_pretrained(text_path)
+        _require_bert(bert_config)
+        text_config = _text_config(bert_config, fusion_layer, _special_ids(text_path, bert_config.vocab_size))
+    else:
+        text_config = AlbefConfig(text_config=text_config, fusion_layer=fusion_layer).text_config
     config = AlbefConfig(vision_config=vision_config, text_config=text_config, **config_kwargs)
     model = model_class(config)
 
-    vision_state = {
-        f"vision_model.{k}": v
-        for k, v in map_vit_state_dict(vit.state_dict(), vision_config.num_patches).items()
-    }
-    text_state = {
-        f"text_encoder.{k}": v for k, v in bert.bert.state_dict().items() if not k.startswith("pooler.")
-    }
-    head_loaded = not any(key.startswith("cls.predictions.transform") for key in info["missing_keys"])
-    if head_loaded and hasattr(model, "mlm_head"):
-        head = bert.cls.predictions
-        text_state["mlm_head.bias"] = head.bias
-        text_state.update({f"mlm_head.transform.{k}": v for k, v in head.transform.state_dict().items()})
+    vision_state, text_state = {}, {}
+    if vision_path is not None:
+        with _quiet_transformers():
+            vit = AutoModel.from_pretrained(vision_path)
+        vision_state = {
+            f"vision_model.{k}": v
+            for k, v in map_vit_state_dict(vit.state_dict(), vision_config.num_patches).items()
+        }
+    if text_path is not None:
+        bert, head = _load_bert(text_path, bert_config)
+        text_state = {
+            f"text_encoder.{k}": v for k, v in bert.state_dict().items() if not k.startswith("pooler.")
+        }
+        if head is not None and hasattr(model, "mlm_head"):
+            text_state["mlm_head.bias"] = head.bias
+            text_state.update({f"mlm_head.transform.{k}": v for k, v in head.transform.state_dict().items()})
 
     model_state = model.state_dict()
     loaded = {**vision_state, **text_state}
@@ -222,6 +292,11 @@ def build_from_towers(
         from_vision=sorted(vision_state),
         from_text=sorted(text_state),
         newly_initialized=sorted(set(model_state) - set(loaded)),
+        vision_source=None if vision_path is None else str(vision_path),
+        text_source=None if text_path is None else str(text_path),
     )
-    logger.warning("from_vision_text_pretrained: %s", report.summary())
+    # What a task model built from this one (`from_pretrained_albef`) must not report as pretrained, as long as it
+    # is untouched: a tensor's version counter moves with every in-place change (an optimizer step, a load).
+    state = model.state_dict()
+    model.newly_initialized_versions = {key: state[key]._version for key in report.newly_initialized}
     return model, report

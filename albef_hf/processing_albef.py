@@ -215,36 +215,6 @@ class AlbefProcessor(ProcessorMixin):
             tensor_type=return_tensors,
         )
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        model: Any = None,
-        model_card: Any = None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ):
-        """Upload this processor (with `model` and an ALBEF model card when a model is given) to the Hub repository
-        `repo_id` in one commit; see `AlbefPreTrainedModel.push_to_hub`."""
-        from .hub import push_to_hub
-
-        return push_to_hub(
-            repo_id,
-            model=model,
-            processor=self,
-            model_card=model_card,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
-
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         """Forwarded to the tokenizer's `batch_decode`."""
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -12,6 +12,9 @@ Everything Trainer users know keeps working (TrainingArguments, callbacks, loggi
 - every checkpoint holds `momentum_state.safetensors` (teacher + queues) next to the model, optimizer,
   scheduler and RNG states, and the data order and per-sample augmentation are a function of
   `(seed, epoch, index)`, so `resume_from_checkpoint` continues exactly;
+- checkpoints are written under a temporary folder and renamed whole once complete, with a manifest of their
+  files and of the settings a resume must share, so a killed run resumes (`resume_from_checkpoint=True`) from its
+  newest complete checkpoint, and a resume under other settings is refused;
 - `save_model` / `push_to_hub` write the student only, with a model card that says how it was trained;
 - `evaluate()` runs the original's retrieval evaluation (ITC ranking, ITM re-ranking of the top k,
   TR/IR recall@1/5/10 and means), with the re-ranking split across processes.
@@ -35,9 +38,12 @@ The downstream teachers are used in training only: an evaluation loss is the pla
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,7 +54,14 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PredictionOutput, has_length, speed_metrics
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    PredictionOutput,
+    has_length,
+    rotate_checkpoints,
+    speed_metrics,
+)
 from transformers.utils import is_torch_xla_available
 
 from .data.collators import (
@@ -92,11 +105,15 @@ from .precision import resolve_bf16
 
 __all__ = [
     "ALBEF_LR_SCHEDULES",
+    "CHECKPOINT_MANIFEST_NAME",
+    "INCOMPLETE_CHECKPOINTS_DIR",
     "AlbefTrainer",
     "AlbefTrainingArguments",
     "albef_cosine_lr",
     "albef_epoch_cosine_lr",
     "albef_no_decay",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +122,29 @@ logger = logging.getLogger(__name__)
 ALBEF_LR_SCHEDULES = ("albef_cosine", "albef_epoch_cosine")
 # The original moves its warm-up learning rate every 100 iterations (`step_size` in Pretrain.py).
 ORIGINAL_WARMUP_INTERVAL = 100
+
+#: Written last into every checkpoint: the size of each of its files and the run settings a resume must share.
+CHECKPOINT_MANIFEST_NAME = "albef_checkpoint.json"
+#: Checkpoints are written under this folder of the output directory and renamed to `checkpoint-N` once
+#: complete, so that a `checkpoint-N` folder is always whole. The leading "_" keeps it out of `push_to_hub`.
+INCOMPLETE_CHECKPOINTS_DIR = "_incomplete_checkpoints"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# Config fields that say how a model was saved or what it returns, not what it computes: a resume may change them.
+_CONFIG_FIELDS_NOT_COMPARED = frozenset(
+    {
+        "transformers_version",
+        "_name_or_path",
+        "architectures",
+        "auto_map",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +207,93 @@ def albef_no_decay(name: str, param: torch.Tensor, skip: frozenset[str] = frozen
 
 
 # ----------------------------------------------------------------------------------------------
+# Crash-safe checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(root: str) -> None:
+    """Flush every file under `root`, and the folders, to disk: a rename must not reach the disk before the
+    data it publishes (a power cut would leave a complete-looking checkpoint of empty files)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as file:
+                os.fsync(file.fileno())
+        _fsync_dir(folder)
+
+
+def _read_manifest(checkpoint: str) -> dict[str, Any] | None:
+    """The checkpoint's manifest, or None when it has none (a transformers Trainer or older checkpoint)."""
+    path = os.path.join(checkpoint, CHECKPOINT_MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        manifest = json.load(file)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError("no 'files' table")
+    return manifest
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why `checkpoint` is not a complete checkpoint (a file missing or of another size than its manifest
+    says), or None. A checkpoint without a manifest (written by transformers' Trainer or an older albef-hf)
+    cannot be checked and counts as complete."""
+    checkpoint = os.fspath(checkpoint)
+    if not os.path.isdir(checkpoint):
+        return "not a directory"
+    try:
+        manifest = _read_manifest(checkpoint)
+    except (OSError, ValueError) as error:
+        return f"unreadable {CHECKPOINT_MANIFEST_NAME} ({error})"
+    for name, size in (manifest or {"files": {}})["files"].items():
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that passes `checkpoint_problem` (damaged ones are skipped
+    with a warning), or None."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    found = [
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    for _, name in sorted(found, reverse=True):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping the damaged checkpoint %s: %s", path, problem)
+    return None
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """`name: saved -> current` for every field that differs between two config dicts (recursively)."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
+    found = []
+    for key in sorted(set(saved) | set(current), key=str):
+        if key in _CONFIG_FIELDS_NOT_COMPARED:
+            continue
+        found += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
 
@@ -178,7 +305,8 @@ class AlbefTrainingArguments(TrainingArguments):
     Defaults that differ from `TrainingArguments` follow the original: `learning_rate=1e-4`,
     `weight_decay=0.02` (1-D parameters and biases exempt), `lr_scheduler_type="albef_cosine"`,
     `dataloader_drop_last=True` (the queues need full batches), and `remove_unused_columns=False` (the
-    collators read the raw `image`/`text` fields).
+    collators read the raw `image`/`text` fields); `per_device_eval_batch_size=64` (larger products, faster
+    evaluation per sample).
     """
 
     learning_rate: float = field(
@@ -201,6 +329,13 @@ class AlbefTrainingArguments(TrainingArguments):
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collators need the raw sample fields."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Evaluation batch per device (transformers' default of 8 makes small matrix products, slow per "
+            "question on a CPU; see benchmarks/bench_vqa.py --batch-size)."
+        },
     )
 
     # a str field (the parser reads "auto"/"true"/"false"; a bare --bf16 means "true"); Python callers may pass a
@@ -495,6 +630,8 @@ class AlbefTrainer(Trainer):
         self._loss_count = 0
         self._eval_sets: dict[int, tuple[Any, Any]] = {}
         self._last_eval_metrics: dict[str, float] = {}
+        self._staging_root: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
+        self._push_pending = False
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -569,8 +706,24 @@ class AlbefTrainer(Trainer):
             raise ValueError(f"need temp_min < temp_max, got {config.temp_min} and {config.temp_max}")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
-        """`Trainer.train`, after building the momentum teacher and queues."""
-        self.setup_momentum(resuming=resume_from_checkpoint not in (None, False))
+        """`Trainer.train`, after building the momentum teacher and queues.
+
+        `resume_from_checkpoint=True` resumes from the newest complete checkpoint of `output_dir` (damaged ones
+        are skipped with a warning); a resume whose results would differ from the run that wrote the checkpoint
+        (another model configuration, world size, batch size, accumulation or queue size) raises a
+        `ValueError` that names the differences. Incomplete checkpoints of a killed run are deleted with a
+        warning.
+        """
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._discard_incomplete_checkpoints()
+        self.setup_momentum(resuming=resume_from_checkpoint is not None)
+        if resume_from_checkpoint is not None:
+            self._check_resume(os.fspath(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader):
@@ -758,6 +911,126 @@ class AlbefTrainer(Trainer):
         super().log(logs, start_time)
 
     # -- checkpoints ---------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Transformers' checkpoint, written under `_incomplete_checkpoints/` and renamed to `checkpoint-N`
+        once every process has written its part and the manifest is written last.
+
+        A run killed at any moment thus leaves complete `checkpoint-N` folders and at most one incomplete one
+        outside them, which `resume_from_checkpoint=True` cannot pick up and the next `train()` deletes.
+        """
+        run_dir = self._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, INCOMPLETE_CHECKPOINTS_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()  # no process writes into `staged` before it is emptied
+        self._staging_root, self._push_pending = staging_root, False
+        try:
+            super()._save_checkpoint(model, trial)  # into `staged`: its run folder is `staging_root`
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG state, shards)
+        if self.args.should_save:
+            self._complete_checkpoint(staged, final, run_dir)
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()  # `checkpoint-N` exists for every process from here on
+        if self._push_pending:
+            self._push_pending = False
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_root is not None:
+            # pushed from `checkpoint-N` once it is complete: the upload runs in the background
+            self._push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _complete_checkpoint(self, staged: str, final: str, run_dir: str) -> None:
+        """Write the manifest of `staged`, flush it to disk and rename it to `final`."""
+        state = self.state
+        if state.best_global_step:
+            # transformers looked for the best checkpoint in the staging folder: point at the published one
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
+            if state.best_global_step == state.global_step or os.path.isdir(best):
+                state.best_model_checkpoint = best
+            state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        files = {
+            os.path.relpath(os.path.join(folder, name), staged).replace(os.sep, "/"): os.path.getsize(
+                os.path.join(folder, name)
+            )
+            for folder, _, names in os.walk(staged)
+            for name in names
+        }
+        with open(os.path.join(staged, CHECKPOINT_MANIFEST_NAME), "w", encoding="utf-8") as file:
+            json.dump({"files": files, "run": self._resume_settings()}, file, indent=1, sort_keys=True)
+        _fsync_tree(staged)
+        if os.path.isdir(final):
+            # a run resumed from an earlier checkpoint saves this step again: swap the old one out whole
+            replaced = f"{staged}.replaced"
+            os.rename(final, replaced)
+            os.rename(staged, final)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(staged, final)
+        staging_root = os.path.dirname(staged)
+        if not os.listdir(staging_root):
+            os.rmdir(staging_root)
+        _fsync_dir(run_dir)
+
+    def _discard_incomplete_checkpoints(self) -> None:
+        """Delete, with a warning, what a killed run left of the checkpoint it was writing."""
+        root = os.path.join(self.args.output_dir, INCOMPLETE_CHECKPOINTS_DIR)
+        if not self.args.should_save or not os.path.isdir(root):
+            return
+        for name in sorted(os.listdir(root)):
+            logger.warning(
+                "deleting %s, a checkpoint left incomplete by a killed run", os.path.join(root, name)
+            )
+        shutil.rmtree(root)
+
+    def _resume_settings(self) -> dict[str, int]:
+        """The settings that a resumed run must share with the run that wrote the checkpoint: they decide the
+        data order, the global batch and what the queues hold."""
+        args = self.args
+        settings = {
+            "world_size": args.world_size,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        }
+        if self.contrastive:
+            settings["queue_size"] = args.queue_size
+        return settings
+
+    def _check_resume(self, checkpoint: str) -> None:
+        """Refuse to resume from a damaged checkpoint, or with settings under which the results would silently
+        differ from the run that wrote it."""
+        problem = checkpoint_problem(checkpoint)
+        if problem is not None:
+            raise ValueError(f"cannot resume from {checkpoint}: {problem}")
+        saved = (_read_manifest(checkpoint) or {}).get("run", {})
+        differences = [
+            f"{key}: {saved[key]!r} -> {value!r}"
+            for key, value in self._resume_settings().items()
+            if key in saved and saved[key] != value
+        ]
+        if os.path.isfile(os.path.join(checkpoint, "config.json")):
+            config = self.student.config
+            saved_config = json.loads(type(config).from_pretrained(checkpoint).to_json_string(use_diff=False))
+            current = json.loads(config.to_json_string(use_diff=False))
+            differences += [f"config {item}" for item in _differences(saved_config, current)]
+        if differences:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: this run differs from the one that wrote it "
+                f"({'; '.join(differences)}); resume with the same settings, or start a new run from its "
+                "weights (from_pretrained)"
+            )
 
     # The teacher and the queues travel with the optimizer state: transformers saves and restores that for every
     # backend (DDP, FSDP, DeepSpeed), once per full checkpoint, after the model weights are in place.

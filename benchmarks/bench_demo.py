@@ -45,39 +45,43 @@ class StepProbe(TrainerCallback):
 
     def __init__(self, count_step: int) -> None:
         self.count_step = count_step
-        self.compute, self.wall, self.flops = [], [], 0
-        self._begin = self._last_end = None
+        self.compute, self.cpu, self.wall, self.flops = [], [], [], 0
+        self._begin = self._cpu_begin = self._last_end = None
         self._counter: FlopCounterMode | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.count_step:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
-        self._begin = time.perf_counter()
+        self._begin, self._cpu_begin = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.flops = self._counter.get_total_flops()
             self._counter = None
         else:
             self.compute.append(now - self._begin)
+            self.cpu.append(cpu_now - self._cpu_begin)
             if self._last_end is not None:
                 self.wall.append(now - self._last_end)
         self._last_end = now if self._counter is None else None
 
 
-def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of a `size`^3 matrix product in `dtype` (best of `repeats`)."""
+def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP per wall second and per CPU second (all threads) of a `size`^3 matrix product in `dtype`, best of
+    `repeats`."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+        best_cpu = min(best_cpu, time.process_time() - cpu_start)
+    flop = 2 * size**3 / 1e9
+    return flop / best, flop / best_cpu
 
 
 def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
@@ -95,9 +99,10 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
         world = world_config(run)
         probe = StepProbe(count_step=warmup)
         pretrain(run, world, demo_processor(run, world), callbacks=(probe,))
-    rate = matmul_rate(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+    rate, cpu_rate = matmul_rate(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
     gflop = probe.flops / 1e9
     compute = statistics.median(probe.compute[warmup:])
+    cpu = statistics.median(probe.cpu[warmup:])
     wall = statistics.median(probe.wall[warmup:])
     return {
         "precision": precision,
@@ -108,6 +113,10 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
         "achieved_gflop_s": round(gflop / compute, 1),
         "matmul_gflop_s": round(rate, 1),
         "ratio_to_matmul": round(gflop / compute / rate, 3),
+        # the same ratio per CPU second: on a busy machine wall time suffers from other processes, CPU time much
+        # less (with one thread it estimates the undisturbed ratio)
+        "cpu_s_per_step": round(cpu, 4),
+        "ratio_to_matmul_cpu_time": round(gflop / cpu / cpu_rate, 3),
         "data_share_of_wall": round(max(0.0, wall - compute) / wall, 3),
         "demo_steps": demo.steps,
         "demo_training_tflop": round(gflop * demo.steps / 1e3, 2),
@@ -154,7 +163,14 @@ def main() -> None:
                 continue
             precision, steps = "bf16-emulated", min(steps, 3)
         command = [sys.executable, os.path.abspath(__file__), "--inline", "--precision", precision[:4]]
-        command += ["--steps", str(steps), "--warmup", str(min(args.warmup, steps)), "--threads", str(args.threads)]
+        command += [
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(min(args.warmup, steps)),
+            "--threads",
+            str(args.threads),
+        ]
         command += ["--set", *args.set] if args.set else []
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])

@@ -10,9 +10,11 @@ transformers examples, without copying this part several times.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import BertTokenizerFast, HfArgumentParser
 
@@ -58,22 +61,39 @@ class ModelArguments:
     )
     vision_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A transformers ViT to initialise the image encoder (with the next one)."},
+        metadata={
+            "help": "A transformers ViT to initialise the image encoder (alone: the text tower is built from the "
+            "config, its sizes from --config_name / --config_overrides)."
+        },
     )
     text_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A BERT to initialise the text and fusion layers (with the previous one)."},
+        metadata={
+            "help": "A BERT to initialise the text and fusion layers (alone: the vision tower is built from the "
+            "config, its sizes from --config_name / --config_overrides)."
+        },
     )
     processor_name: str | None = field(
         default=None, metadata={"help": "AlbefProcessor folder or Hub id (default: model_name_or_path)."}
     )
     tokenizer_name: str = field(
-        default="bert-base-uncased", metadata={"help": "BERT tokenizer used when no processor is found."}
+        default="bert-base-uncased",
+        metadata={
+            "help": "BERT tokenizer used when no processor is found; 'synthetic': the synthetic world's own words "
+            "(the demo's vocabulary, for models trained from scratch on it)."
+        },
     )
     image_size: int | None = field(
         default=None, metadata={"help": "Training resolution (default: the model's)."}
     )
     max_length: int | None = field(default=None, metadata={"help": "Longest text in tokens (with [CLS])."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention: 'eager', 'sdpa', or 'auto' (default): eager on a CPU, where torch's SDPA kernels are "
+            "slower at ALBEF's short sequences (see benchmarks/bench_attention.py), SDPA elsewhere."
+        },
+    )
     original_tokenization: bool = field(
         default=False,
         metadata={"help": "Encode '[CLS] tokens' without [SEP], as the original (converted checkpoints)."},
@@ -181,8 +201,21 @@ class TaskDataArguments:
             "(fields and defaults: albef_hf.data.downstream.TASK_COLUMNS)."
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N samples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N samples."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on N samples: the first N, or N drawn at random with --sample_seed."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on N samples: the first N, or N drawn at random with --sample_seed."},
+    )
+    sample_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draw the --max_train_samples / --max_eval_samples at random with this seed (the same subset "
+            "in every run) instead of taking the first ones, which are often not typical of a file."
+        },
+    )
     synthetic_train_items: int = field(
         default=4000, metadata={"help": "Samples of the synthetic world's training split."}
     )
@@ -241,16 +274,27 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_config_overrides(config: AlbefConfig, overrides: str | None) -> AlbefConfig:
-    """A new config with `key=value` changes (nested keys with dots), re-validated by `AlbefConfig`."""
-    if not overrides:
-        return config
-    values = config.to_dict()
-    for item in overrides.split(","):
+def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
+    """`"a=1,vision_config.b=[2,3]"` -> `{"a": 1, "vision_config.b": [2, 3]}` (values read as json when they are)."""
+    parsed = {}
+    for item in re.split(r",(?![^\[]*\])", overrides or ""):  # commas inside [...] belong to a list value
+        if not item.strip():
+            continue
         key, separator, value = item.strip().partition("=")
         if not separator:
             raise ValueError(f"config_overrides: expected key=value, got {item!r}")
-        *parents, leaf = key.strip().split(".")
+        parsed[key.strip()] = _parse_value(value)
+    return parsed
+
+
+def apply_config_overrides(config: AlbefConfig, overrides: str | None) -> AlbefConfig:
+    """A new config with `key=value` changes (nested keys with dots), re-validated by `AlbefConfig`."""
+    parsed = parse_config_overrides(overrides)
+    if not parsed:
+        return config
+    values = config.to_dict()
+    for key, value in parsed.items():
+        *parents, leaf = key.split(".")
         target = values
         for parent in parents:
             if not isinstance(target.get(parent), dict):
@@ -258,29 +302,94 @@ def apply_config_overrides(config: AlbefConfig, overrides: str | None) -> AlbefC
             target = target[parent]
         if leaf not in target:
             raise ValueError(f"config_overrides: unknown key {key!r}")
-        target[leaf] = _parse_value(value)
+        target[leaf] = value
     return AlbefConfig(**{k: v for k, v in values.items() if k != "model_type"})
 
 
+# AlbefConfig's own settings (not the towers'), which a model built from pretrained towers takes from the config
+_TOP_LEVEL_SETTINGS = tuple(
+    name
+    for name in inspect.signature(AlbefConfig.__init__).parameters
+    if name
+    not in ("self", "vision_config", "text_config", "decoder_config", "fusion_layer", "image_size", "kwargs")
+)
+# keys of a pretrained tower's configuration that may still be set: they change no weight shape
+_PRETRAINED_TOWER_SETTINGS = {"vision_config": ("image_size",), "text_config": ("fusion_layer",)}
+
+
+def _build_from_towers(model_class: type, model_args: ModelArguments) -> Any:
+    """Pretrained towers (one or both), the others built from --config_name / --config_overrides."""
+    paths = {
+        "vision_config": model_args.vision_model_name_or_path,
+        "text_config": model_args.text_model_name_or_path,
+    }
+    overrides = parse_config_overrides(model_args.config_overrides)
+    for key in overrides:
+        tower, _, leaf = key.partition(".")
+        if paths.get(tower) and leaf not in _PRETRAINED_TOWER_SETTINGS[tower]:
+            raise ValueError(
+                f"config_overrides: {key} is fixed by the pretrained tower {paths[tower]}; only "
+                f"{', '.join(f'{tower}.{name}' for name in _PRETRAINED_TOWER_SETTINGS[tower])} can be set for it "
+                "(or train that tower from scratch: drop its --*_model_name_or_path)"
+            )
+    base = AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
+    config = apply_config_overrides(base, model_args.config_overrides)
+    fusion_layer = next((overrides[key] for key in ("text_config.fusion_layer",) if key in overrides), None)
+    image_size = model_args.image_size or next(
+        (overrides[key] for key in ("vision_config.image_size",) if key in overrides), None
+    )
+    model, report = model_class.from_vision_text_pretrained(
+        paths["vision_config"],
+        paths["text_config"],
+        fusion_layer=fusion_layer if paths["text_config"] else None,
+        image_size=image_size,
+        output_loading_info=True,
+        vision_config=None if paths["vision_config"] else config.vision_config,
+        text_config=None if paths["text_config"] else config.text_config,
+        **{name: getattr(config, name) for name in _TOP_LEVEL_SETTINGS},
+    )
+    print(report, flush=True)
+    return model
+
+
 def build_model(model_class: type, model_args: ModelArguments) -> Any:
-    """From a checkpoint, from two pretrained towers, or from a (default) config."""
+    """From a checkpoint, from pretrained towers (one or both), or from a (default) config.
+
+    --config_overrides applies to all three: to the checkpoint's config, to what the pretrained towers leave open
+    (the other tower's sizes, `embed_dim`, `fusion_layer`, ...; a size a pretrained tower fixes is an error), or to
+    the config.
+    """
     if model_args.model_name_or_path:
         config = AlbefConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path)
         config = apply_config_overrides(config, model_args.config_overrides)
-        return model_class.from_pretrained(model_args.model_name_or_path, config=config)
-    if model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
-        if not (model_args.vision_model_name_or_path and model_args.text_model_name_or_path):
-            raise ValueError("give both --vision_model_name_or_path and --text_model_name_or_path")
-        return model_class.from_vision_text_pretrained(
-            model_args.vision_model_name_or_path,
-            model_args.text_model_name_or_path,
-            image_size=model_args.image_size,
+        model = model_class.from_pretrained(model_args.model_name_or_path, config=config)
+    elif model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+        model = _build_from_towers(model_class, model_args)
+    else:
+        config = (
+            AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
         )
-    config = AlbefConfig.from_pretrained(model_args.config_name) if model_args.config_name else AlbefConfig()
-    config = apply_config_overrides(config, model_args.config_overrides)
-    if model_args.image_size and model_args.image_size != config.image_size:
-        config = AlbefConfig(**{**config.to_dict(), "image_size": model_args.image_size})
-    return model_class(config)
+        config = apply_config_overrides(config, model_args.config_overrides)
+        if model_args.image_size and model_args.image_size != config.image_size:
+            config = AlbefConfig(**{**config.to_dict(), "image_size": model_args.image_size})
+        model = model_class(config)
+    return _with_attention(model, model_args)
+
+
+def _with_attention(model: Any, model_args: ModelArguments) -> Any:
+    """The model with --attn_implementation ("auto" is resolved to the device's by `parse_arguments`)."""
+    model.set_attn_implementation(resolve_attention(model_args.attn_implementation, model.device))
+    return model
+
+
+def build_tokenizer(name: str) -> Any:
+    """A BERT tokenizer from a folder or Hub id, or the synthetic world's (`"synthetic"`)."""
+    if name == "synthetic":
+        from albef_hf.data.synthetic import SyntheticWorldConfig
+        from albef_hf.demo.data import synthetic_tokenizer
+
+        return synthetic_tokenizer(SyntheticWorldConfig())
+    return BertTokenizerFast.from_pretrained(name)
 
 
 def build_processor(model_args: ModelArguments, model: Any, default_max_length: int) -> AlbefProcessor:
@@ -300,7 +409,7 @@ def build_processor(model_args: ModelArguments, model: Any, default_max_length: 
             )
     if processor is None:
         processor = AlbefProcessor(
-            AlbefImageProcessor(size=image_size), BertTokenizerFast.from_pretrained(model_args.tokenizer_name)
+            AlbefImageProcessor(size=image_size), build_tokenizer(model_args.tokenizer_name)
         )
     processor.image_processor.size = {"height": image_size, "width": image_size}
     processor.max_length = model_args.max_length or (
@@ -383,7 +492,21 @@ def parse_arguments(dataclass_types: tuple[type, ...], argv: list[str] | None = 
         parsed = parser.parse_args_into_dataclasses(args=argv)
     setup_logging(parsed[-1])
     transformers.set_seed(parsed[-1].seed)
+    for arguments in parsed:
+        if isinstance(arguments, ModelArguments):
+            arguments.attn_implementation = resolve_attention(
+                arguments.attn_implementation, parsed[-1].device
+            )
     return tuple(parsed)
+
+
+def resolve_attention(name: str, device: Any) -> str:
+    """`"auto"` -> eager on a CPU, SDPA elsewhere; `"eager"` / `"sdpa"` as they are."""
+    if name == "auto":
+        return "eager" if torch.device(device).type == "cpu" else "sdpa"
+    if name not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation must be 'auto', 'eager' or 'sdpa', got {name!r}")
+    return name
 
 
 def build_task_model(
@@ -406,7 +529,7 @@ def build_task_model(
         config = AlbefConfig.from_pretrained(path)
         if (config.architectures or [None])[0] == model_class.__name__:
             logger.warning("loading the %s checkpoint %s as it is", model_class.__name__, path)
-            return model_class.from_pretrained(path)
+            return _with_attention(model_class.from_pretrained(path), model_args)
         source = path
     else:
         source = build_model(AlbefForPreTraining, model_args)
@@ -418,7 +541,7 @@ def build_task_model(
         **(config_kwargs(config) if config_kwargs else {}),
     )
     print(f"{model_class.__name__} {report}", flush=True)
-    return model
+    return _with_attention(model, model_args)
 
 
 def _column_names(text: str | None) -> dict[str, str]:
@@ -476,7 +599,11 @@ def read_task_data(
         )
     else:
         return None
-    return dataset.head(count) if count is not None else dataset
+    if count is None:
+        return dataset
+    return (
+        dataset.head(count) if data_args.sample_seed is None else dataset.sample(count, data_args.sample_seed)
+    )
 
 
 def build_transform(data_args: Any, image_size: int, crop: str = "finetune") -> Any:

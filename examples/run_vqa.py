@@ -27,7 +27,9 @@ of the training data, most frequent first.
         --eval_file vqa_test.json --answer_list answer_list.json --do_train --do_predict \\
         --num_train_epochs 8 --per_device_train_batch_size 32
 
-The saved folder serves `pipeline("visual-question-answering", model=out)`.
+The saved folder serves `pipeline("visual-question-answering", model=out)`. For a small dataset of your own, a
+pretrained BERT with a vision tower from scratch (--text_model_name_or_path with --config_overrides), and the
+augmentations that keep its answers true, see the README's "Fine-tuning on your own data".
 """
 
 from __future__ import annotations

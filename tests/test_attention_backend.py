@@ -31,3 +31,29 @@ def test_sdpa_and_eager_give_the_same_features(batch):
         out_sdpa, out_eager = model(**batch), eager(**batch)
     torch.testing.assert_close(out_sdpa.text_embeds, out_eager.text_embeds, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_sdpa.image_embeds, out_eager.image_embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_set_attn_implementation_reaches_every_sub_config_without_warnings(capfd, caplog):
+    from transformers.utils import logging as transformers_logging
+
+    from albef_hf import AlbefForQuestionAnswering
+    from albef_hf.modeling_albef_downstream import answer_decoder_config
+
+    config = tiny_config()
+    config.decoder_config = answer_decoder_config(config.text_config, num_layers=1)
+    model = AlbefForQuestionAnswering(config)
+    transformers_logging.enable_propagation()
+    try:
+        model.set_attn_implementation("eager")
+    finally:
+        transformers_logging.disable_propagation()
+    assert "undefined behavior" not in capfd.readouterr().err + caplog.text
+    assert sub_config_implementations(model) | {model.config.decoder_config._attn_implementation} == {"eager"}
+    model.set_attn_implementation("sdpa")
+    assert sub_config_implementations(model) == {"sdpa"}
+    try:
+        model.set_attn_implementation("fast")
+    except ValueError as error:
+        assert "attn_implementation must be" in str(error)
+    else:
+        raise AssertionError("an unknown implementation was accepted")

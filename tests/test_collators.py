@@ -105,9 +105,12 @@ def test_bad_samples_are_replaced_within_the_batch_and_counted(caplog):
         batch = collator(data)
     assert batch["pixel_values"].shape[0] == 5
     assert batch["idx"].tolist() == [10, 12, 12, 10, 10]  # each bad one replaced by the next good one
-    assert collator.num_skipped == 3 and "replaced a bad sample" in caplog.text
+    assert collator.num_skipped == 3 and "replaced by another sample of its batch" in caplog.text
     with pytest.raises(ValueError, match="no usable sample"):
         collator([{"image": None, "text": "", "image_id": 1}])
+    for not_a_list in (data[0], "a dog", None):
+        with pytest.raises(TypeError, match="a collator takes a list of samples"):
+            collator(not_a_list)
 
 
 def test_retrieval_batch_carries_image_ids():

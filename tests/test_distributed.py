@@ -38,6 +38,12 @@ def test_two_process_pretraining_keeps_teacher_and_queues_in_sync(tmp_path):
         assert np.allclose(written, np.array(a["enqueued"] + b["enqueued"]), atol=0)
         assert not np.allclose(a["enqueued"], b["enqueued"])  # the ranks did see different samples
     assert zero[0]["teacher_first"] != zero[-1]["teacher_first"]  # the EMA moved
+    # both ranks' parts of each checkpoint were written before it was published whole
+    checkpoints = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint-", "_")))
+    assert checkpoints == ["checkpoint-2", "checkpoint-3"]
+    manifest = json.loads((tmp_path / "checkpoint-3" / "albef_checkpoint.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth", "momentum_state.safetensors"} <= set(manifest["files"])
+    assert manifest["run"]["world_size"] == 2
 
 
 @pytest.mark.usefixtures("one_torch_thread")

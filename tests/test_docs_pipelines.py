@@ -16,6 +16,6 @@ def test_the_pipeline_examples_run(tmp_path, monkeypatch, capsys):
     code = "\n".join(re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(DOC), "exec"), {})
-    assert (tmp_path / "gallery-index" / "index.safetensors").is_file()
+    assert (tmp_path / "gallery-index" / "index.json").is_file()
     assert (tmp_path / "grounding.png").is_file()
     assert "'itm_probability'" in capsys.readouterr().out

@@ -330,6 +330,60 @@ def test_rank_answers_keeps_the_k_most_probable_first_tokens():
     torch.testing.assert_close(ranking.probs.sum(1), torch.ones(3))
 
 
+def ranking_by_full_decoding(model, answer_ids, answer_mask, question_states, question_mask, k):
+    """The ranking as first written (and as the original computes it): every kept answer decoded in full with
+    its own copy of the question states, a log-softmax over the vocabulary at every position."""
+    num_questions = question_states.shape[0]
+    start = answer_ids[:1, :1].expand(num_questions, 1)
+    first_logits = model.decode(start, question_states, question_mask)[0][:, 0]
+    top_probs, top_ids = first_logits.softmax(-1)[:, answer_ids[:, 1]].topk(k, dim=1)
+    candidates = answer_ids[top_ids.reshape(-1)]
+    output = model(
+        question_states=question_states,
+        question_attention_mask=question_mask,
+        answer_input_ids=candidates,
+        answer_attention_mask=answer_mask[top_ids.reshape(-1)],
+        labels=candidates.masked_fill(candidates == PAD, -100),
+        answers_per_question=torch.full((num_questions,), k),
+    )
+    scores = top_probs.log() - output.answer_loss.view(num_questions, k)
+    order = scores.argsort(dim=1, descending=True)
+    return top_ids.gather(1, order), scores.gather(1, order)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("k", [4, 9])
+def test_rank_answers_equals_full_decoding_of_every_candidate(attn, k):
+    # shared prefixes ([11, 12] / [11, 13] / [11, 13, 15]), answers of 1-3 tokens, a question with padding
+    model = make(AlbefForQuestionAnswering, attn=attn).eval()
+    rows = [[10], [11, 12], [11, 13], [11, 13, 15], [14], [16, 17, 18], [10, 17], [19], [11]]
+    answer_ids, answer_mask = answers(rows)
+    question_ids, question_mask = texts(3, pad_from=4)
+    with torch.no_grad():
+        states = model.encode_question(images(3), question_ids, question_mask)[0]
+        expected_ids, expected_scores = ranking_by_full_decoding(
+            model, answer_ids, answer_mask, states, question_mask, k
+        )
+    for mask in (answer_mask, None):  # without a mask, padding is recognised by the pad id
+        ranking = model.rank_answers(
+            answer_ids, mask, question_states=states, question_attention_mask=question_mask, k=k
+        )
+        assert torch.equal(ranking.answer_ids, expected_ids)
+        torch.testing.assert_close(ranking.scores, expected_scores, atol=1e-5, rtol=1e-6)
+
+
+def test_answer_token_log_probs_reads_each_state_once_in_any_chunking():
+    model = make(AlbefForQuestionAnswering).eval()
+    states = torch.randn(7, model.config.decoder_config.hidden_size)
+    rows, tokens = torch.tensor([0, 6, 3, 3, 5, 0]), torch.tensor([10, 3, 12, 13, 3, 20])
+    with torch.no_grad():
+        logits = model.answer_head(states, model.text_decoder.embeddings.word_embeddings.weight)
+        expected = logits.log_softmax(-1)[rows, tokens]
+        for chunk_size in (1, 2, 3, 7, 256):
+            log_probs = model.answer_token_log_probs(states, rows, tokens, chunk_size=chunk_size)
+            torch.testing.assert_close(log_probs, expected, atol=1e-6, rtol=1e-6)
+
+
 def manual_greedy(model, question_states, question_mask, max_new_tokens):
     ids = torch.full((question_states.shape[0], 1), CLS)
     done = torch.zeros(question_states.shape[0], dtype=torch.bool)

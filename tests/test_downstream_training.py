@@ -476,3 +476,14 @@ def test_head_keeps_the_first_samples_of_lists_and_tables(table):
     assert np.array_equal(np.asarray(head[1]["image"]), np.asarray(images[1]))
     with pytest.raises(IndexError):
         head[2]
+
+
+def test_sample_draws_a_seeded_random_subset_in_order():
+    records = [{"image": None, "text": f"caption {i}"} for i in range(20)]
+    dataset = TaskDataset(records, lambda record, index: {**record, "index": index}, None, "sample test")
+    indices = [dataset.sample(5, seed=3).fields(i)["text"] for i in range(5)]
+    assert indices == [dataset.sample(5, seed=3).fields(i)["text"] for i in range(5)]  # the same every run
+    numbers = [int(text.split()[1]) for text in indices]
+    assert numbers == sorted(set(numbers)) and numbers != list(range(5))
+    assert numbers != [int(dataset.sample(5, seed=4).fields(i)["text"].split()[1]) for i in range(5)]
+    assert dataset.sample(50, seed=0) is dataset

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_processor
 from PIL import Image
+from transformers import BertConfig, BertModel
 
 from albef_hf import (
     AlbefForImageTextRetrieval,
@@ -226,6 +227,66 @@ def test_run_vqa_on_the_synthetic_world(tmp_path, model_files, capsys):
     prediction = json.loads((out / "predictions.json").read_text())[0]
     assert len(prediction["top_answers"]) == 3 and prediction["answer"] in VQA_ANSWER_LIST
     assert trainer.teacher is not None and trainer.queues is None
+
+
+@pytest.fixture(scope="module")
+def plain_bert(tmp_path_factory):
+    """A saved `BertModel` (no MLM head, as all-MiniLM-L6-v2) over the tiny vocabulary, with its tokenizer."""
+    folder = tmp_path_factory.mktemp("bert")
+    text = tiny_config().text_config
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=text.vocab_size, hidden_size=24, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=48)).save_pretrained(folder)  # fmt: skip
+    tiny_processor().tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_run_vqa_with_a_pretrained_text_tower_and_a_vision_tower_from_scratch(
+    tmp_path, model_files, plain_bert, capsys
+):
+    out = tmp_path / "out"
+    overrides = "embed_dim=8,vision_config.hidden_size=16,vision_config.conv_stem_channels=[4,8],text_config.fusion_layer=1"
+    load_script("run_vqa").main(
+        synthetic_task_args(
+            model_files, out, "--text_model_name_or_path", str(plain_bert), "--config_overrides", overrides
+        )
+    )
+    printed = capsys.readouterr().out
+    assert "a new vision tower" in printed and "corrupted" not in printed
+    assert "answer_head: newly initialised in the source" in printed
+    model = check_task_run(out, "eval_vqa_score", AlbefForQuestionAnswering)
+    config = model.config
+    assert (config.embed_dim, config.vision_config.hidden_size, config.fusion_layer) == (8, 16, 1)
+    assert config.vision_config.conv_stem_channels == [4, 8] and config.text_config.hidden_size == 24
+
+
+@pytest.mark.parametrize("attention", [None, "sdpa"])
+def test_the_attention_flag_and_a_random_eval_sample_reach_the_run(tmp_path, model_files, attention):
+    out = tmp_path / "out"
+    flag = ["--attn_implementation", attention] if attention else []
+    trainer = load_script("run_ve").main(
+        synthetic_task_args(
+            model_files, out, "--max_steps", "1", "--max_eval_samples", "3", "--sample_seed", "0", *flag
+        )
+    )
+    config = trainer.model.config
+    expected = attention or "eager"  # "auto" on a CPU
+    assert {config.vision_config._attn_implementation, config.text_config._attn_implementation} == {expected}
+    assert len(trainer.eval_dataset) == 3
+    sampled = [trainer.eval_dataset.fields(i)["text"] for i in range(3)]
+    first = load_script("run_ve").main(synthetic_task_args(model_files, tmp_path / "first", "--max_steps", "1",
+                                                           "--max_eval_samples", "3"))  # fmt: skip
+    assert sampled != [first.eval_dataset.fields(i)["text"] for i in range(3)]
+
+
+def test_config_overrides_of_a_pretrained_tower_fail_loudly(tmp_path, model_files, plain_bert):
+    args = common_args(
+        model_files, tmp_path, "--text_model_name_or_path", str(plain_bert), "--config_overrides"
+    )
+    with pytest.raises(ValueError, match="text_config.hidden_size is fixed by the pretrained tower"):
+        load_script("run_vqa").main([*args, "text_config.hidden_size=32", "--dataset_name", "synthetic"])
+    with pytest.raises(ValueError, match="unknown key 'vision_config.hidden_sise'"):
+        load_script("run_vqa").main([*args, "vision_config.hidden_sise=32", "--dataset_name", "synthetic"])
 
 
 def test_run_nlvr_with_the_text_assignment_step(tmp_path, model_files, capsys):

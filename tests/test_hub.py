@@ -52,19 +52,25 @@ CARD = AlbefCardInfo(
     dataset_split="test",
     repo_id=REPO,
 )
-CODE_FILES = {
+# the code a folder carries: the models' modules, and each served pipeline's module with what it imports (never
+# the Hub layer nor the card writer: the models do not import them, they extend the models from outside)
+BASE_CODE_FILES = {
     "configuration_albef.py",
     "modeling_albef.py",
     "modeling_albef_text.py",
     "losses.py",
     "pretrained_towers.py",
-    "hub.py",
-    "modelcard.py",
-    "pipelines_albef.py",
-    "retrieval_index.py",
-    "grounding.py",
+    "base.py",
+    "feature_extraction.py",
     "image_processing_albef.py",
     "processing_albef.py",
+}
+CODE_FILES = BASE_CODE_FILES | {
+    "image_text_matching.py",
+    "image_text_retrieval.py",
+    "retrieval_index.py",
+    "visual_grounding.py",
+    "grounding.py",
 }
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 
@@ -240,6 +246,12 @@ WITH_PACKAGE = textwrap.dedent(
         "grounding_score": grounder(image, "a red circle")["score"],
         "classes": [type(matcher).__module__, type(matcher.model).__module__],
     }
+    # the interactive page's requests, on the Hub id
+    from albef_hf.app import AlbefAppService
+
+    app = AlbefAppService.from_pretrained("org/name", revision=v1)
+    result["app_match"] = app.match(image, "a red circle")["itm_probability"]
+    result["app_zero_shot"] = app.zero_shot(image, "red circle, blue square", "a {}")
     json.dump(result, open(f"{out}/result.json", "w"))
     """
 )
@@ -247,7 +259,7 @@ WITH_PACKAGE = textwrap.dedent(
 
 def test_a_trainer_folder_loads_from_the_hub_by_revision_in_a_fresh_process(hub, tmp_path):
     result = run_fresh(sys.executable, WITH_PACKAGE, hub, tmp_path, package=True)
-    assert result["classes"] == ["albef_hf.pipelines_albef", "albef_hf.modeling_albef"]
+    assert result["classes"] == ["albef_hf.pipelines.image_text_matching", "albef_hf.modeling_albef"]
     for name, saved in (("v1", hub["v1"]), ("main", hub["v2"])):
         loaded = load_file(tmp_path / f"{name}.safetensors")
         expected = saved.state_dict()
@@ -257,6 +269,10 @@ def test_a_trainer_folder_loads_from_the_hub_by_revision_in_a_fresh_process(hub,
     local = pipeline("image-text-matching", model=str(hub["v1_folder"]))
     image = random_images(1, seed=11)[0]
     assert result["matching"] == pytest.approx(local(image, "a red circle"))
+    assert result["app_match"] == pytest.approx(local(image, "a red circle")["itm_probability"])
+    classify = pipeline("zero-shot-image-classification", model=str(hub["v1_folder"]))
+    expected = classify(image, candidate_labels=["red circle", "blue square"], hypothesis_template="a {}")
+    assert result["app_zero_shot"] == pytest.approx({r["label"]: r["score"] for r in expected})
 
 
 WITHOUT_PACKAGE = textwrap.dedent(
@@ -415,7 +431,7 @@ def test_save_pretrained_with_push_to_hub_sends_the_complete_folder(recorded_upl
     model.save_pretrained(tmp_path / "albef", push_to_hub=True, commit_message="first")
     (upload,) = uploads
     assert upload["repo_id"] == "user/albef" and upload["message"] == "first"
-    assert set(upload["files"]) == {"config.json", "model.safetensors"} | CODE_FILES
+    assert set(upload["files"]) == {"config.json", "model.safetensors"} | BASE_CODE_FILES
     assert set(upload["files"]) == {path.name for path in (tmp_path / "albef").iterdir()}
 
 

@@ -14,6 +14,7 @@ from albef_hf import (
     AlbefForImageTextRetrieval,
     AlbefForPreTraining,
     AlbefModel,
+    AlbefVisionConfig,
     mask_tokens,
     sample_hard_negatives,
 )
@@ -336,3 +337,28 @@ def test_bf16_autocast_on_cpu(batch, config):
     assert torch.isfinite(out.loss)
     assert abs(out.loss.item() - reference.item()) < 0.1 * reference.item()
     assert model.vision_proj.weight.grad is not None
+
+
+def test_the_conv_stem_is_an_option_that_keeps_the_token_grid(tmp_path):
+    plain = AlbefModel(tiny_config())
+    assert not any(
+        "stem" in key for key in plain.state_dict()
+    )  # default: ViT's patch embedding, as converted
+    config = tiny_config()
+    config.vision_config.conv_stem_channels = [4, 8]  # two halvings, then proj covers 8 / 4 = 2 pixels
+    model = AlbefModel(AlbefConfig.from_dict(config.to_dict()))
+    assert model.vision_model.patch_embed.proj.kernel_size == (2, 2)
+    tokens = model.encode_image(torch.randn(2, 3, 32, 32)).last_hidden_state
+    assert tokens.shape == (2, 1 + 16, 32)
+    tokens.sum().backward()
+    assert model.vision_model.patch_embed.stem[0].conv.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = AlbefModel.from_pretrained(tmp_path)
+    assert loaded.config.vision_config.conv_stem_channels == [4, 8]
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("channels", [[4, 8, 16, 32], [], [4, 0]])
+def test_a_conv_stem_that_does_not_fit_is_refused(channels):
+    with pytest.raises(ValueError, match="conv_stem_channels|patch_size"):
+        AlbefVisionConfig(image_size=32, patch_size=8, conv_stem_channels=channels)

@@ -119,19 +119,33 @@ def test_saved_folders_declare_the_pipelines_their_model_serves(folders):
     assert set(declared["pretraining"]) == set(TASKS)
     assert all(entry["pt"] == ["AutoModelForPreTraining"] for entry in declared["pretraining"].values())
     assert declared["base"] == {
-        "feature-extraction": {"impl": "pipelines_albef.AlbefFeatureExtractionPipeline", "pt": ["AutoModel"]}
+        "feature-extraction": {
+            "impl": "feature_extraction.AlbefFeatureExtractionPipeline",
+            "pt": ["AutoModel"],
+        }
     }
     assert declared["vqa"] == {
         "visual-question-answering": {
-            "impl": "pipelines_albef.AlbefVisualQuestionAnsweringPipeline",
+            "impl": "visual_question_answering.AlbefVisualQuestionAnsweringPipeline",
             "pt": ["AutoModelForVisualQuestionAnswering"],
         }
     }
     # a retrieval model has no Auto class, so its folder carries no code and declares nothing
     assert declared["retrieval"] == {}
-    for name in ("pretraining", "vqa"):
+    # each task's module and what it imports, flat: a folder's remote code is one directory
+    carried = {
+        "pretraining": {
+            "image_text_matching.py",
+            "image_text_retrieval.py",
+            "retrieval_index.py",
+            "grounding.py",
+        },
+        "vqa": {"visual_question_answering.py"},
+    }
+    for name, modules in carried.items():
         files = {path.name for path in folders[name].iterdir()}
-        assert {"pipelines_albef.py", "retrieval_index.py", "grounding.py", "processing_albef.py"} <= files
+        assert modules | {"base.py", "processing_albef.py", "image_processing_albef.py"} <= files
+        assert "from .." not in "".join((folders[name] / module).read_text() for module in modules)
     # where albef_hf is imported its registry serves the tasks: the loaded config does not ask for remote code
     assert not hasattr(AlbefConfig.from_pretrained(folders["pretraining"]), "custom_pipelines")
 
@@ -217,7 +231,7 @@ def test_every_image_form_gives_the_same_result(matcher, image_files, image_serv
 
 def test_a_jpeg_file_gives_the_pixels_of_the_pil_image_opened_from_it_whatever_its_exif(tmp_path):
     from albef_hf.image_processing_albef import to_pil_rgb
-    from albef_hf.pipelines_albef import load_image
+    from albef_hf.pipelines import load_image
 
     path = tmp_path / "rotated.jpg"
     exif = PIL.Image.Exif()
@@ -240,6 +254,11 @@ BAD_PAIRS = [
     ((random_images(2), CAPTIONS[:3]), "image i pairs with text i, but got 2 images and 3 texts"),
     (([], "a dog"), "empty list of images"),
     ((random_images(1)[0], None), "got no text for the images"),
+    (
+        (np.full((8, 8, 3), np.nan, np.float32), "a dog"),
+        "the image array holds 192 NaN and 0 infinite",
+    ),
+    ((torch.full((3, 8, 8), float("inf")), "a dog"), "the image array holds 0 NaN and 192 infinite"),
     (
         (3.5, "a dog"),
         "image 0: expected a PIL image, a numpy array, a torch tensor, a path or a URL, got float",
@@ -351,7 +370,9 @@ def test_an_index_saves_loads_and_is_checked(retriever, folders, image_files, tm
     assert len(expected) == 3 and expected[0]["id"] in index.ids
     index.save(tmp_path / "index")
     loaded = AlbefRetrievalIndex.load(tmp_path / "index")
-    assert loaded.ids == index.ids and torch.equal(loaded.embeds, index.embeds)
+    everything = torch.arange(len(index))
+    assert loaded.ids == index.ids and torch.equal(loaded.features, index.features)
+    assert torch.equal(loaded.item_tokens(everything)[0], index.item_tokens(everything)[0])
     fresh = pipeline("image-text-retrieval", model=str(folders["retrieval"]), index=str(tmp_path / "index"))
     assert fresh("a red circle", top_k=3) == expected
     assert retriever("a red circle", index=loaded, top_k=3) == expected

@@ -110,6 +110,8 @@ def test_resize_normalise_values():
         ({"images": [np.zeros((8, 8, 2), dtype=np.uint8)]}, "1, 3 or 4 channels"),
         ({"images": [np.zeros((0, 8, 3), dtype=np.uint8)]}, "empty image"),
         ({"images": ["not an image at all"]}, "could not read an image"),
+        ({"images": [np.full((8, 8, 3), np.nan, dtype=np.float32)]}, "holds 192 NaN and 0 infinite values"),
+        ({"images": [torch.tensor([[0.5, float("inf")], [0.0, -float("inf")]])]}, "0 NaN and 2 infinite"),
         ({"images": [{"an": "image?"}]}, "expected a PIL image"),
         ({"text": []}, "empty list of texts"),
         ({"text": ["a dog", "!!!"]}, "text 1 is empty"),

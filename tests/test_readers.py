@@ -137,7 +137,7 @@ def test_albef_json_errors_name_what_is_missing(albef_json, tmp_path):
 
 def test_map_style_reader_without_any_readable_image_raises_clearly(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"image": "x.png", "caption": "c"}]))
-    with pytest.raises(RuntimeError, match="no sample .* readable image"):
+    with pytest.raises(ValueError, match="no sample .* readable image"):
         read_albef_json(str(tmp_path / "a.json"), image_root=str(tmp_path))[0]
 
 
@@ -169,6 +169,19 @@ def test_imagefolder_with_metadata_map_style(imagefolder, tmp_path):
     assert [pixel(s) for s in samples[:3]] == [colour(0), colour(1), colour(4)]
     assert dataset.skip_stats.as_dict()["unreadable_image"] == 1
     assert samples[0]["source"] == "test" and samples[0]["image_id"] != samples[1]["image_id"]
+
+
+def test_an_image_folder_with_a_malformed_metadata_file_is_refused(imagefolder, tmp_path):
+    """pyarrow's JSON reader, which datasets uses, kills the process on a metadata.jsonl holding `null`."""
+    metadata = os.path.join(imagefolder, "metadata.jsonl")
+    for content, message in [("null", "line 1: expected a JSON object, got NoneType"), ("{}\n[1]", "line 2"),
+                             ("{not json", "line 1: not valid JSON")]:  # fmt: skip
+        with open(metadata, "w") as file:
+            file.write(content)
+        with pytest.raises(ValueError, match=message):
+            build_image_text_dataset(imagefolder)
+        with pytest.raises(ValueError, match=message):
+            build_image_text_dataset("imagefolder", load_kwargs={"data_dir": imagefolder})
 
 
 def test_imagefolder_streaming(imagefolder):

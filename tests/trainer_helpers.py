@@ -107,7 +107,14 @@ class RecordSteps(TrainerCallback):
 
 
 def run_distributed(output_dir: str) -> None:
-    trainer = tiny_trainer(output_dir, max_steps=3, queue_size=16, per_device_train_batch_size=2)
+    trainer = tiny_trainer(
+        output_dir,
+        max_steps=3,
+        queue_size=16,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer.setup_momentum()
     recorder = RecordSteps(trainer)
     trainer.add_callback(recorder)
@@ -115,6 +122,76 @@ def run_distributed(output_dir: str) -> None:
     rank = trainer.args.process_index
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
         json.dump({"world_size": trainer.args.world_size, "records": recorder.records}, file)
+
+
+#: Where `train_until_killed` kills its process, and the step of the newest complete checkpoint it leaves.
+KILL_POINTS = {
+    "mid_step": 2,  # in step 4, after the teacher moved and the queues took the batch
+    "save_model_weights": 2,  # in the save of checkpoint-4: the student is written, nothing else
+    "save_momentum_state": 2,  # half of the teacher and queues file is written
+    "save_rng_state": 2,  # optimizer and scheduler written, RNG and trainer state not
+    "save_manifest": 2,  # every file and the manifest written, the folder not yet renamed
+    "after_save": 4,  # checkpoint-4 is complete
+}
+
+
+def train_until_killed(output_dir: str, point: str) -> None:
+    """The tiny run of 6 steps with a checkpoint every 2 that SIGKILLs its own process at `point` (the
+    second checkpoint, or step 4), hooked in where that moment happens."""
+    import signal
+
+    import albef_hf.trainer as trainer_module
+
+    torch.set_num_threads(1)
+    trainer = tiny_trainer(output_dir, save_strategy="steps", save_steps=2)
+    trainer.setup_momentum()
+
+    def at_kill_step() -> bool:
+        return trainer.state.global_step == (3 if point == "mid_step" else 4)
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def then_die(function, before: bool = True):
+        def hooked(*args, **kwargs):
+            if before and at_kill_step():
+                die()
+            result = function(*args, **kwargs)
+            if not before and at_kill_step():
+                die()
+            return result
+
+        return hooked
+
+    if point == "mid_step":
+        trainer.queues.enqueue = then_die(trainer.queues.enqueue, before=False)
+    elif point == "save_model_weights":
+        trainer._save_optimizer_and_scheduler = then_die(trainer._save_optimizer_and_scheduler)
+    elif point == "save_momentum_state":
+        save = trainer_module.save_momentum_state
+
+        def half_written(path, *args):
+            save(path, *args)
+            if at_kill_step():
+                os.truncate(path, os.path.getsize(path) // 2)
+                die()
+
+        trainer_module.save_momentum_state = half_written
+    elif point == "save_rng_state":
+        trainer._save_rng_state = then_die(trainer._save_rng_state)
+    elif point == "save_manifest":
+        trainer_module._fsync_tree = then_die(trainer_module._fsync_tree)
+    elif point == "after_save":
+
+        class DieAfterSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if at_kill_step():
+                    die()
+
+        trainer.add_callback(DieAfterSave())
+    else:
+        raise ValueError(f"unknown kill point {point!r}; known: {sorted(KILL_POINTS)}")
+    trainer.train()
 
 
 def run_resume(output_dir: str, checkpoint: str) -> None:

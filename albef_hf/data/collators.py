@@ -34,8 +34,9 @@ Bad samples
 Readers already skip unreadable images and empty captions. A collator still checks every sample (an image
 it can read and transform, a caption that is not empty after normalisation, an image id for retrieval); a
 bad one is replaced by a good sample of the same batch, so that the batch keeps its size (the feature
-queues and the cross-process gather rely on it), counted in `num_skipped` and logged. A batch without any
-good sample raises a `ValueError` that says why.
+queues and the cross-process gather rely on it), counted in `num_skipped` and logged. The count lives in
+shared memory (a reader's `SkipStats`), so that replacements made in DataLoader worker processes are
+counted too. A batch without any good sample raises a `ValueError` that says why.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..image_processing_albef import to_pil_rgb
 from ..losses import mask_tokens
+from .readers import SkipStats
 from .transforms import RandomTransform
 
 __all__ = [
@@ -71,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 #: Sample field holding `(epoch, dataset index)`, which seeds the sample's augmentation and masking.
 SAMPLE_KEY = "sample_key"
+# The one reason a collator counts: a bad sample it replaced by another of its batch.
+_REPLACED = "bad_sample"
 _MAX_SEED = 2**63 - 1
 
 
@@ -168,17 +172,23 @@ class AlbefImageTextCollator:
         self.transform = transform
         self.max_length = max_length
         self.seed = seed
-        self.num_skipped = 0
+        self.skip_stats = SkipStats(type(self).__name__, reasons=(_REPLACED,))
         self._stream: np.random.Generator | None = None
         self._stream_key: tuple[int, int] | None = None
 
     def __call__(self, samples: Iterable[Any]) -> dict[str, torch.Tensor]:
         return self._collate(samples)[0]
 
+    @property
+    def num_skipped(self) -> int:
+        """Bad samples replaced so far, in this process and its DataLoader workers."""
+        return self.skip_stats.total
+
     def for_evaluation(self) -> AlbefImageTextCollator:
         """A copy without the training transform (the processor's resize only), for evaluation batches."""
         evaluation = copy.copy(self)
         evaluation.transform = None
+        evaluation.skip_stats = SkipStats(self.skip_stats.name, reasons=(_REPLACED,))
         return evaluation
 
     def text_normalization(self) -> str | None:
@@ -253,18 +263,13 @@ class AlbefImageTextCollator:
         return None
 
     def _skip(self, reason: str) -> None:
-        self.num_skipped += 1
-        if self.num_skipped & (self.num_skipped - 1) == 0:  # 1st, 2nd, 4th, ... skip
-            logger.warning(
-                "%s: replaced a bad sample by another of its batch (%s); %d replaced in this process so far",
-                type(self).__name__,
-                reason,
-                self.num_skipped,
-            )
+        self.skip_stats.record(_REPLACED, f"{reason}; replaced by another sample of its batch")
 
     def _collate(
         self, samples: Iterable[Any]
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[int]]:
+        if isinstance(samples, (str, bytes, dict)) or not isinstance(samples, Iterable):
+            raise TypeError(f"a collator takes a list of samples (dicts), got {type(samples).__name__}")
         samples = list(samples)
         if not samples:
             raise ValueError("cannot collate an empty list of samples")

@@ -42,6 +42,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Subset
 
 from .readers import (
@@ -135,6 +136,18 @@ class TaskDataset(_MapStyleReader):
     def head(self, count: int) -> TaskDataset:
         """The first `count` samples (all when there are fewer)."""
         records = Subset(self.records, range(min(count, len(self.records))))
+        return TaskDataset(records, self.convert, self.image_root, self.skip_stats.name)
+
+    def sample(self, count: int, seed: int) -> TaskDataset:
+        """`count` samples drawn at random without replacement (all when there are fewer), in their order here.
+
+        The first samples of a file are often not typical of it (sorted by image, by question type, ...); a
+        seeded draw gives a representative subset that is the same in every run.
+        """
+        if count >= len(self.records):
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self.records), size=count, replace=False))
+        records = Subset(self.records, rows.tolist())
         return TaskDataset(records, self.convert, self.image_root, self.skip_stats.name)
 
     def fields(self, index: int) -> dict[str, Any]:

@@ -85,7 +85,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 
 class SkipStats:
-    """Counts of skipped samples per reason (`SKIP_REASONS`), shared across processes.
+    """Counts of skipped samples per reason (`SKIP_REASONS` by default), shared across processes.
 
     The counters sit in shared memory (a `multiprocessing.RawArray`), inherited by DataLoader
     worker processes (fork) or handed to them as they start (spawn, forkserver), so that
@@ -96,25 +96,27 @@ class SkipStats:
 
     Args:
         name: shown in the warnings, to tell several datasets apart.
+        reasons: the reasons counted (the collators count their own).
     """
 
     # row 0: the main process; rows 1...: DataLoader workers (ids beyond the rows share them)
     _ROWS = 256
 
-    def __init__(self, name: str = "dataset"):
+    def __init__(self, name: str = "dataset", reasons: Sequence[str] = SKIP_REASONS):
         self.name = name
-        self._counts = multiprocessing.RawArray("q", self._ROWS * len(SKIP_REASONS))
+        self.reasons = tuple(reasons)
+        self._counts = multiprocessing.RawArray("q", self._ROWS * len(self.reasons))
 
     def _row_start(self) -> int:
         worker = get_worker_info()
         row = 0 if worker is None else 1 + worker.id % (self._ROWS - 1)
-        return row * len(SKIP_REASONS)
+        return row * len(self.reasons)
 
     def record(self, reason: str, detail: str) -> None:
         """Count one skipped sample and log a warning with the running count. A process warns
         at its 1st, 2nd, 4th, 8th, ... skip of each reason, so that a badly broken corpus does
         not flood the log."""
-        slot = self._row_start() + SKIP_REASONS.index(reason)
+        slot = self._row_start() + self.reasons.index(reason)
         self._counts[slot] += 1
         own = self._counts[slot]
         if own & (own - 1) == 0:
@@ -127,9 +129,9 @@ class SkipStats:
             )
 
     def as_dict(self) -> dict[str, int]:
-        """{reason: number of skipped samples} for every reason in `SKIP_REASONS`."""
+        """{reason: number of skipped samples} for every counted reason."""
         totals = np.frombuffer(self._counts, dtype=np.int64).reshape(self._ROWS, -1).sum(axis=0)
-        return dict(zip(SKIP_REASONS, totals.tolist(), strict=True))
+        return dict(zip(self.reasons, totals.tolist(), strict=True))
 
     @property
     def total(self) -> int:
@@ -242,7 +244,7 @@ class _MapStyleReader(Dataset):
                 # its own index is requested, so each bad sample counts once per epoch.
                 if offset == 0:
                     self.skip_stats.record(bad.reason, bad.detail)
-        raise RuntimeError(f"no sample of {type(self).__name__} has a readable image; {self.skip_stats}")
+        raise ValueError(f"no sample of {type(self).__name__} has a readable image; {self.skip_stats}")
 
 
 def _annotation_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -260,8 +262,11 @@ def _json_entries(paths: Sequence[str]) -> list[tuple[str, Any]]:
     """`(where, entry)` for every entry of json files that each hold a list (`where` is `file[position]`)."""
     entries = []
     for path in paths:
-        with open(path) as file:
-            loaded = json.load(file)
+        try:
+            with open(path, encoding="utf-8") as file:
+                loaded = json.load(file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a JSON annotation file ({error})") from error
         if not isinstance(loaded, list):
             raise ValueError(f"{path}: expected a list of annotation entries, got {type(loaded).__name__}")
         entries += [(f"{path}[{position}]", entry) for position, entry in enumerate(loaded)]
@@ -802,6 +807,28 @@ def build_image_text_dataset(
     return read_hf_dataset(dataset, **reader_kwargs)
 
 
+def _check_metadata_lines(folder: str) -> None:
+    """Every line of an image folder's ``metadata.jsonl`` files must be a JSON object: datasets reads them with
+    pyarrow, whose JSON reader crashes the process (a segmentation fault, pyarrow 26) on a file holding
+    ``null``, and fails with unclear errors on other values."""
+    for root, _, names in os.walk(folder):
+        if "metadata.jsonl" not in names:
+            continue
+        path = os.path.join(root, "metadata.jsonl")
+        with open(path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from error
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
+                    )
+
+
 def load_named_dataset(
     name: str, split: str = "train", streaming: bool = False, load_kwargs: dict[str, Any] | None = None
 ) -> Any:
@@ -816,4 +843,14 @@ def load_named_dataset(
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
         return dataset.to_iterable_dataset() if streaming else dataset
-    return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
+    for folder in (name, (load_kwargs or {}).get("data_dir")):  # a folder, or "imagefolder" with data_dir
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            _check_metadata_lines(os.fspath(folder))
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, **(load_kwargs or {}))
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        # datasets' builders fail on a malformed folder with whatever their code hits (IndexError on an empty
+        # metadata.jsonl, pyarrow's ArrowInvalid, DatasetGenerationError): say what was being read
+        raise ValueError(f"could not load the dataset {name!r}: {type(error).__name__}: {error}") from error
