@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from .grounding import box_iou, gradcam_itc, gradcam_itm, select_box, upsample_heatmap
 from .image_processing_albef import to_pil_rgb
+from .modeling_albef_text import text_lengths
 
 __all__ = [
     "GroundingEvalSet",
@@ -43,6 +44,7 @@ __all__ = [
     "VqaEvalSet",
     "classification_metrics",
     "compute_retrieval_scores",
+    "encode_texts_by_length",
     "evaluate_grounding",
     "evaluate_retrieval",
     "evaluate_vqa",
@@ -223,14 +225,8 @@ def compute_retrieval_scores(
             ]
         )
         texts = processor.tokenize(list(eval_set.texts), padding="max_length")
-        input_ids, attention_mask = texts["input_ids"].to(device), texts["attention_mask"].to(device)
-        text_embeds = torch.cat(
-            [
-                model.encode_text(
-                    input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-                ).last_hidden_state
-                for start in range(0, input_ids.shape[0], batch_size)
-            ]
+        text_embeds, attention_mask = encode_texts_by_length(
+            model, texts["input_ids"].to(device), texts["attention_mask"].to(device), batch_size
         )
         image_rows = _process_rows(image_embeds.shape[0], rank, world_size)
         text_rows = _process_rows(text_embeds.shape[0], rank, world_size)
@@ -241,6 +237,32 @@ def compute_retrieval_scores(
         own[rows] = matrix[rows].float()
         scores.append(reduce(own).cpu())
     return scores[0], scores[1]
+
+
+@torch.no_grad()
+def encode_texts_by_length(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unimodal text tokens of many texts, encoded `batch_size` at a time in order of length, each batch cut to
+    its longest text (padding is the larger part of most caption batches padded to a fixed length).
+
+    Returns:
+        `(text_embeds, attention_mask)`: `(num_texts, longest, text_hidden)` and `(num_texts, longest)` in the
+        order of the input, cut to the longest text; positions past a text's end are masked.
+    """
+    lengths = text_lengths(attention_mask)
+    longest = int(lengths.max())
+    attention_mask = attention_mask[:, :longest]
+    order = torch.argsort(lengths, stable=True)
+    text_embeds = None
+    for start in range(0, order.numel(), batch_size):
+        rows = order[start : start + batch_size]
+        length = int(lengths[rows].max())
+        states = model.encode_text(input_ids[rows, :length], attention_mask[rows, :length]).last_hidden_state
+        if text_embeds is None:
+            text_embeds = states.new_zeros(order.numel(), longest, states.shape[-1])
+        text_embeds[rows, :length] = states
+    return text_embeds, attention_mask
 
 
 def evaluate_retrieval(

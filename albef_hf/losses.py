@@ -186,10 +186,12 @@ def distilled_cross_entropy(
     The loss of every distilled classifier in ALBEF: MLM, the NLVR2 and SNLI-VE heads. Without a teacher (or
     with `alpha=0`) it is the plain cross-entropy.
     """
-    loss = F.cross_entropy(logits, labels)
     if teacher_logits is None or alpha == 0:
-        return loss
-    distill = soft_cross_entropy(logits, teacher_logits.softmax(dim=-1))
+        return F.cross_entropy(logits, labels)
+    # one log-softmax for both terms: over a vocabulary, each one kept for backward is a large tensor
+    log_probs = F.log_softmax(logits, dim=-1)
+    loss = F.nll_loss(log_probs, labels)
+    distill = -(log_probs * teacher_logits.softmax(dim=-1)).sum(dim=-1).mean()
     return (1 - alpha) * loss + alpha * distill
 
 

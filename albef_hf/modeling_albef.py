@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .modeling_albef_text import (
     AlbefTextEncoderOutput,
     AlbefTextModel,
     attention_forward,
+    text_lengths,
 )
 
 logger = logging.get_logger(__name__)
@@ -629,22 +631,31 @@ class AlbefPreTrainedModel(PreTrainedModel):
         self,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | None,
         output_attentions: bool = False,
         image_index: torch.Tensor | None = None,
+        image_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        first_token_only: bool = False,
+        text_self_attended: bool = False,
     ) -> AlbefTextEncoderOutput:
         """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens.
 
         Text row i reads image row i, or image row `image_index[i]` when an index is given (several texts
-        sharing an image then share its cross-attention keys and values).
+        sharing an image then share its cross-attention keys and values). `image_key_values`
+        (`text_encoder.project_cross_key_values(image_embeds)`) replace `image_embeds` when the same images
+        serve several calls; `first_token_only` computes only the [CLS] state in the last layer;
+        `text_self_attended` says that `text_embeds` come from `text_encoder.fusion_self_attention`.
         """
         return self.text_encoder(
             hidden_states=text_embeds,
             attention_mask=attention_mask,
             encoder_hidden_states=image_embeds,
             encoder_index=image_index,
+            encoder_key_values=image_key_values,
             mode="fusion",
             output_attentions=output_attentions,
+            first_token_only=first_token_only,
+            text_self_attended=text_self_attended,
         )
 
 
@@ -805,6 +816,98 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         return output, (fused[3 * batch_size :] if extra_positive_texts is not None else None)
 
     @torch.no_grad()
+    def itm_pair_logits(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_attention_mask: torch.Tensor,
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+        batch_size: int = 128,
+    ) -> torch.Tensor:
+        """ITM logits `(num_pairs, 2)` of the pairs (image `image_index[p]`, text `text_index[p]`).
+
+        The logits `itm_logits` gives each pair, with less work when pairs share images or texts (re-ranking):
+        a pair listed twice is scored once; each image's cross-attention keys and values are projected once
+        per fusion layer for all of its pairs (images go in chunks, and every pair of a chunk's images reads the
+        chunk's projected keys/values); the pairs of a chunk go through the fusion layers `batch_size` at a
+        time, sorted by text length and each batch cut to its longest text; the self-attention of the first fusion
+        layer, which reads no image, runs once per text; the last fusion layer computes only the [CLS] state that
+        the ITM head reads.
+
+        Args:
+            image_embeds: `(num_images, image_len, vision_hidden)` image tokens.
+            text_embeds: `(num_texts, seq_len, text_hidden)` unimodal text tokens.
+            text_attention_mask: `(num_texts, seq_len)` their padding mask.
+            image_index, text_index: `(num_pairs,)` rows of the two.
+            batch_size: pairs per fusion forward.
+        """
+        if image_index.shape != text_index.shape or image_index.dim() != 1:
+            raise ValueError(
+                f"image_index and text_index must be 1-D and of one length, got {tuple(image_index.shape)} "
+                f"and {tuple(text_index.shape)}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if image_index.numel() == 0:
+            return self.itm_head.weight.new_empty(0, 2)
+        num_texts = text_embeds.shape[0]
+        pairs, inverse = torch.unique(image_index * num_texts + text_index, return_inverse=True)
+        images, texts = pairs // num_texts, pairs % num_texts
+        lengths = text_lengths(text_attention_mask)
+        # A chunk's keys/values take about what the image tokens of one batch of pairs took when every pair
+        # carried its own copy, so memory stays where it was.
+        fusion_layers = self.config.text_config.num_hidden_layers - self.config.text_config.fusion_layer
+        chunk = max(1, batch_size // (2 * fusion_layers))
+        order = torch.argsort((images // chunk) * (text_embeds.shape[1] + 1) + lengths[texts], stable=True)
+        images, texts = images[order], texts[order]
+        attended = self._fusion_self_attention(text_embeds, text_attention_mask, lengths, texts, batch_size)
+        logits, start = [], 0
+        for count in torch.unique_consecutive(images // chunk, return_counts=True)[1].tolist():
+            chunk_images, chunk_texts = images[start : start + count], texts[start : start + count]
+            start += count
+            present, local_index = torch.unique(chunk_images, return_inverse=True)
+            key_values = self.text_encoder.project_cross_key_values(image_embeds[present])
+            for first in range(0, count, batch_size):
+                rows = chunk_texts[first : first + batch_size]
+                length = int(lengths[rows].max())
+                fused = self.fuse(
+                    attended[rows, :length],
+                    text_attention_mask[rows, :length],
+                    None,
+                    image_index=local_index[first : first + batch_size],
+                    image_key_values=key_values,
+                    first_token_only=True,
+                    text_self_attended=True,
+                ).last_hidden_state
+                logits.append(self.itm_head(fused[:, 0, :]))
+        sorted_logits = torch.cat(logits)
+        unique_logits = torch.empty_like(sorted_logits)
+        unique_logits[order] = sorted_logits
+        return unique_logits[inverse]
+
+    def _fusion_self_attention(
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lengths: torch.Tensor,
+        texts: torch.Tensor,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """The first fusion layer's self-attention of the `texts` rows (zeros elsewhere), which reads no image:
+        computed once per text rather than once per pair, in batches of similar length."""
+        used = torch.unique(texts)
+        used = used[torch.argsort(lengths[used], stable=True)]
+        attended = torch.zeros_like(text_embeds)
+        for first in range(0, used.numel(), batch_size):
+            rows = used[first : first + batch_size]
+            length = int(lengths[rows].max())
+            attended[rows, :length] = self.text_encoder.fusion_self_attention(
+                text_embeds[rows, :length], attention_mask[rows, :length]
+            )
+        return attended
+
+    @torch.no_grad()
     def itm_rerank(
         self,
         query_sims: torch.Tensor,
@@ -815,7 +918,7 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         batch_size: int,
         image_queries: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each query's `k` best candidates by ITC, and the ITM logits of those pairs.
+        """Each query's `k` best candidates by ITC, and the ITM logits of those pairs (`itm_pair_logits`).
 
         Args:
             query_sims: `(num_queries, num_candidates)` ITC similarities.
@@ -827,20 +930,11 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
             `(similarities, candidates, itm_logits)`: `(num_queries, k)`, `(num_queries, k)`, `(num_queries, k, 2)`.
         """
         similarities, candidates = query_sims.topk(min(k, query_sims.shape[1]), dim=1)
-        queries = torch.arange(query_sims.shape[0], device=candidates.device).repeat_interleave(
-            candidates.shape[1]
+        image_index, text_index = _shortlist_pairs(candidates, 0, image_queries)
+        logits = self.itm_pair_logits(
+            image_embeds, text_embeds, text_attention_mask, image_index, text_index, batch_size
         )
-        items = candidates.reshape(-1)
-        logits = []
-        for start in range(0, queries.numel(), batch_size):
-            q, c = queries[start : start + batch_size], items[start : start + batch_size]
-            image_index, text_index = (q, c) if image_queries else (c, q)
-            logits.append(
-                self.itm_logits(
-                    text_embeds[text_index], text_attention_mask[text_index], image_embeds[image_index]
-                )
-            )
-        return similarities, candidates, torch.cat(logits).reshape(*candidates.shape, 2)
+        return similarities, candidates, logits.reshape(*candidates.shape, 2)
 
     @torch.no_grad()
     def rank(
@@ -856,7 +950,8 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         """Retrieval scores as the original evaluation defines them: rank by ITC, re-rank the top k with ITM.
 
         For each image (row of `scores_i2t`), the `k` texts with the highest ITC similarity get the ITM
-        "match" logit as score and every other text -100; `scores_t2i` does the same for each text.
+        "match" logit as score and every other text -100; `scores_t2i` does the same for each text. The pairs
+        of both directions are scored together (`itm_pair_logits`), a pair on both shortlists once.
 
         Args:
             image_embeds: `(num_images, 1 + num_patches, vision_hidden)` from `encode_image`.
@@ -872,22 +967,29 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         sims = self.project_image(image_embeds) @ self.project_text(text_embeds).T
         scores_i2t = sims.new_full((num_images, num_texts), -100.0)
         scores_t2i = sims.new_full((num_texts, num_images), -100.0)
+        shortlists, image_index, text_index = [], [], []
         for scores, query_sims, rows, image_queries in (
             (scores_i2t, sims, image_rows, True),
             (scores_t2i, sims.T, text_rows, False),
         ):
             start, stop, _ = (rows or slice(None)).indices(query_sims.shape[0])
-            if start >= stop:
-                continue
-            query = slice(start, stop)
-            if image_queries:
-                images, texts, masks = image_embeds[query], text_embeds, text_attention_mask
-            else:
-                images, texts, masks = image_embeds, text_embeds[query], text_attention_mask[query]
-            _, candidates, logits = self.itm_rerank(
-                query_sims[query], images, texts, masks, k, batch_size, image_queries
-            )
-            scores[query].scatter_(1, candidates, logits[..., 1].to(scores.dtype))
+            stop = max(start, stop)
+            candidates = query_sims[start:stop].topk(min(k, query_sims.shape[1]), dim=1).indices
+            images, texts = _shortlist_pairs(candidates, start, image_queries)
+            shortlists.append((scores[start:stop], candidates))
+            image_index.append(images)
+            text_index.append(texts)
+        logits = self.itm_pair_logits(
+            image_embeds,
+            text_embeds,
+            text_attention_mask,
+            torch.cat(image_index),
+            torch.cat(text_index),
+            batch_size,
+        )[:, 1].to(sims.dtype)
+        sizes = [index.numel() for index in image_index]
+        for (scores, candidates), part in zip(shortlists, logits.split(sizes), strict=True):
+            scores.scatter_(1, candidates, part.reshape(candidates.shape))
         return AlbefRankingOutput(sims=sims, scores_i2t=scores_i2t, scores_t2i=scores_t2i)
 
     @torch.no_grad()
@@ -904,6 +1006,18 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         return AlbefTeacherOutput(
             image_feat=self.project_image(image_embeds), text_feat=self.project_text(text_embeds)
         )
+
+
+def _shortlist_pairs(
+    candidates: torch.Tensor, first_query: int, image_queries: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(image_index, text_index)` of the pairs of a `(num_queries, k)` shortlist whose queries are rows
+    `first_query, first_query + 1, ...` (images when `image_queries`, else texts)."""
+    queries = torch.arange(
+        first_query, first_query + candidates.shape[0], device=candidates.device
+    ).repeat_interleave(candidates.shape[1])
+    items = candidates.reshape(-1)
+    return (queries, items) if image_queries else (items, queries)
 
 
 def _cat_queue(batch_feat: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:

@@ -36,6 +36,7 @@ __all__ = [
     "apply_dropout",
     "attention_forward",
     "padding_mask",
+    "text_lengths",
 ]
 
 TextMode = str  # "text" | "fusion" | "multimodal"
@@ -64,6 +65,13 @@ def padding_mask(attention_mask: torch.Tensor | None, causal: bool = False, quer
         causal_mask = rows >= torch.arange(key_length, device=device)[None, :]
         mask = causal_mask[None, None] if mask is None else mask & causal_mask[None, None]
     return mask
+
+
+def text_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch,)` tokens of each row up to its last unmasked one (at least 1, the [CLS]): what a row can be
+    cut to without changing what its tokens attend to."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1).clamp(min=1)
 
 
 @dataclass
@@ -249,11 +257,14 @@ class AlbefTextSelfAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         unpack = packing.unpack if packing is not None else (lambda states: states)
         query = self._heads(unpack(self.query(hidden_states)))
-        if packing is not None and key_value_states is None:
+        if projected_key_value is not None:  # projected beforehand by `project_key_value`
+            key, value = projected_key_value
+        elif packing is not None and key_value_states is None:
             key, value = (
                 self._heads(unpack(self.key(hidden_states))),
                 self._heads(unpack(self.value(hidden_states))),
@@ -351,6 +362,7 @@ class AlbefTextAttention(nn.Module):
         output_attentions: bool = False,
         cache: Cache | None = None,
         key_value_index: torch.Tensor | None = None,
+        projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.self(
@@ -360,6 +372,7 @@ class AlbefTextAttention(nn.Module):
             output_attentions,
             cache,
             key_value_index,
+            projected_key_value,
             packing,
         )
         return self.output(attended, hidden_states), probs
@@ -399,14 +412,29 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
+        encoder_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        first_token_only: bool = False,
+        self_attended: bool = False,
         packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_probs = self.attention(
-            hidden_states, attention_mask, None, output_attentions, cache=cache, packing=packing
-        )
+        """One layer; with `first_token_only`, only the first token's state is computed (the others still serve
+        as keys and values of the self-attention), which is all a head on [CLS] reads of the last layer; with
+        `self_attended`, `hidden_states` have been through this layer's self-attention already."""
+        if self_attended:
+            self_probs = None
+            if first_token_only:
+                hidden_states = hidden_states[:, :1]
+        elif first_token_only:
+            hidden_states, self_probs = self.attention(
+                hidden_states[:, :1], attention_mask, hidden_states, output_attentions, cache=cache
+            )
+        else:
+            hidden_states, self_probs = self.attention(
+                hidden_states, attention_mask, None, output_attentions, cache=cache, packing=packing
+            )
         cross_probs = None
         if self.has_cross_attention:
-            if encoder_hidden_states is None:
+            if encoder_hidden_states is None and encoder_key_value is None:
                 raise ValueError(
                     f"text layer {self.layer_idx} is a fusion layer and needs the image embeddings"
                 )
@@ -417,6 +445,7 @@ class AlbefTextLayer(GradientCheckpointingLayer):
                 output_attentions,
                 cache=cache,
                 key_value_index=encoder_index,
+                projected_key_value=encoder_key_value,
                 packing=packing,
             )
         return self.output(self.intermediate(hidden_states), hidden_states), self_probs, cross_probs
@@ -465,6 +494,27 @@ class AlbefTextModel(nn.Module):
         self.embeddings = AlbefTextEmbeddings(config)
         self.encoder = AlbefTextEncoder(config)
 
+    def project_cross_key_values(
+        self, encoder_hidden_states: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The cross-attention `(key, value)` heads `(batch, heads, image_len, head_dim)` of image tokens
+        `(batch, image_len, encoder_width)` at every fusion layer, for `forward(encoder_key_values=...)`."""
+        return tuple(
+            self.encoder.layer[index].crossattention.self.project_key_value(encoder_hidden_states)
+            for index in self._layer_range("fusion")
+        )
+
+    def fusion_self_attention(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The first fusion layer's self-attention block on unimodal text states `(batch, seq_len, hidden)`.
+
+        It reads no image, so scoring a text against many images can run it once per text and pass the result to
+        `forward(mode="fusion", text_self_attended=True)`.
+        """
+        layer = self.encoder.layer[self.config.fusion_layer]
+        return layer.attention(hidden_states, padding_mask(attention_mask))[0]
+
     def _layer_range(self, mode: TextMode) -> range:
         fusion_layer, num_layers = self.config.fusion_layer, self.config.num_hidden_layers
         ranges = {
@@ -489,6 +539,9 @@ class AlbefTextModel(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cache: Cache | None = None,
+        encoder_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        first_token_only: bool = False,
+        text_self_attended: bool = False,
     ) -> AlbefTextEncoderOutput:
         """Run the layers of `mode`.
 
@@ -510,9 +563,17 @@ class AlbefTextModel(nn.Module):
             output_hidden_states: return the input of every layer that ran and the final output.
             cache: incremental decoding (`config.is_decoder` only): `input_ids` are the tokens after the cached ones;
                 `attention_mask`, when given, covers the cached and the new tokens.
+            encoder_key_values: instead of `encoder_hidden_states`, their cross-attention keys and values from
+                `project_cross_key_values` (one `(key, value)` per fusion layer), projected once and reused by
+                several calls (ITM re-ranking scores many texts against each image); read through
+                `encoder_index` like the image tokens.
+            first_token_only: the last layer computes the first token's state only (`last_hidden_state` is then
+                `(batch, 1, hidden)`): what a head on [CLS] (ITM) reads, for about a third less work per layer.
+            text_self_attended: with `mode="fusion"`, `hidden_states` come from `fusion_self_attention` (the first
+                fusion layer's self-attention, which reads no image), and that layer starts at its cross-attention.
 
-        In training mode (without a cache, attention maps or hidden states asked for), the layers compute only the
-        real tokens (`TokenPacking`): the output is zero at padding positions, and equal elsewhere.
+        In training mode (without a cache, attention maps, hidden states or `first_token_only` asked for), the layers
+        compute only the real tokens (`TokenPacking`): the output is zero at padding positions, and equal elsewhere.
         """
         layers = self._layer_range(mode)
         past_length = 0
@@ -535,14 +596,32 @@ class AlbefTextModel(nn.Module):
             attention_mask, causal=self.config.is_decoder, query_length=hidden_states.shape[1]
         )
 
+        if text_self_attended and mode != "fusion":
+            raise ValueError('text_self_attended applies to mode="fusion" only')
+        if first_token_only and self.config.is_decoder:
+            raise ValueError("first_token_only is for encoders: a decoder predicts at every position")
+        if encoder_key_values is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError("give the image tokens or their projected keys/values, not both")
+            if len(encoder_key_values) != self.config.num_hidden_layers - self.config.fusion_layer:
+                raise ValueError(
+                    f"encoder_key_values holds {len(encoder_key_values)} layers; there are "
+                    f"{self.config.num_hidden_layers - self.config.fusion_layer} fusion layers"
+                )
         images, image_masks = _as_image_list(encoder_hidden_states, encoder_attention_mask)
+        if encoder_key_values is not None:
+            image_masks = [encoder_attention_mask]
         if encoder_index is not None:
             image_masks = [mask if mask is None else mask[encoder_index] for mask in image_masks]
         image_masks = [padding_mask(mask) for mask in image_masks]
 
         # in training, skip the padding (nothing reads its states: attention masks it, no loss looks at it)
         packing = None
-        if self.training and cache is None and not (output_attentions or output_hidden_states):
+        if (
+            self.training
+            and cache is None
+            and not (output_attentions or output_hidden_states or first_token_only)
+        ):
             packing = TokenPacking.of(attention_mask)
         if packing is not None:
             hidden_states = packing.pack(hidden_states)
@@ -551,8 +630,10 @@ class AlbefTextModel(nn.Module):
         all_self, all_cross = ([], []) if output_attentions else (None, None)
         for index in layers:
             layer = self.encoder.layer[index]
-            image = image_mask = None
-            if layer.has_cross_attention and images:
+            image = image_mask = key_value = None
+            if layer.has_cross_attention and encoder_key_values is not None:
+                key_value, image_mask = encoder_key_values[index - self.config.fusion_layer], image_masks[0]
+            elif layer.has_cross_attention and images:
                 which = (index - self.config.fusion_layer) % len(images)
                 image, image_mask = images[which], image_masks[which]
             if output_hidden_states:
@@ -565,6 +646,9 @@ class AlbefTextModel(nn.Module):
                 output_attentions=output_attentions,
                 cache=cache,
                 encoder_index=encoder_index,
+                encoder_key_value=key_value,
+                first_token_only=first_token_only and index == layers[-1],
+                self_attended=text_self_attended and index == layers[0],
                 packing=packing,
             )
             if output_attentions:
