@@ -192,8 +192,13 @@ def test_match_shows_the_scores_and_the_heatmap(browser, served, fitted_folder, 
         )
         shown_itc = float(page.locator("#match-itc input").input_value())
         assert shown_itc == pytest.approx(expected["itc_similarity"], abs=5e-5)
+        # the <img> appears before its data is decoded: wait for the decoded image, then check its size
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#match-heatmap img'); return img && img.complete "
+            "&& img.naturalWidth > 0; }"
+        )
         heatmap = page.locator("#match-heatmap img")
-        assert heatmap.evaluate("img => img.complete && img.naturalWidth") == 32
+        assert heatmap.evaluate("img => img.naturalWidth") == 32
         page.screenshot(path=str(tmp_path / f"match-{text.replace(' ', '-')}.png"), full_page=True)
     # the fitted model tells its own caption from another's
     assert (
