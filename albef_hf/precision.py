@@ -16,6 +16,7 @@ __all__ = [
     "EMULATED_BF16_SLOWDOWN",
     "cpu_has_native_bf16",
     "native_bf16_available",
+    "parse_bf16",
     "resolve_bf16",
 ]
 
@@ -40,7 +41,8 @@ def native_bf16_available(device: str | torch.device = "cpu") -> bool:
     return False
 
 
-def _as_policy(value: bool | str) -> bool | str:
+def parse_bf16(value: bool | str) -> bool | str:
+    """`True`, `False` or `"auto"` from a bool or a string (command lines, json files)."""
     if isinstance(value, bool):
         return value
     lowered = str(value).strip().lower()
@@ -59,7 +61,7 @@ def resolve_bf16(value: bool | str, device: str | torch.device = "cpu") -> bool:
 
     `value` may be a bool or one of the strings `"auto"`, `"true"`, `"false"` (command lines, json files).
     """
-    policy = _as_policy(value)
+    policy = parse_bf16(value)
     if policy == "auto":
         return native_bf16_available(device)
     if policy and torch.device(device).type == "cpu" and not cpu_has_native_bf16():

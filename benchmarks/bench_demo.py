@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
 from albef_hf.demo.config import DemoConfig
-from albef_hf.demo.run import demo_processor, pretrain, world_config
+from albef_hf.demo.run import demo_processor, pretrain, with_recipe, world_config
 from albef_hf.precision import cpu_has_native_bf16
 
 
@@ -86,6 +86,8 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> tuple
 
 def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
+    # the demo's recipe for this precision (its batch size; its steps for the totals)
+    demo = with_recipe(replace(demo, bf16="true" if precision.startswith("bf16") else "false"))
     with tempfile.TemporaryDirectory() as output_dir:
         run = replace(
             demo,
@@ -93,7 +95,6 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
             max_steps=warmup + steps + 1,
             scale=1.0,
             time_budget_minutes=None,
-            bf16="true" if precision.startswith("bf16") else "false",
             logging_steps=10**6,
         )
         world = world_config(run)
@@ -107,6 +108,7 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
     return {
         "precision": precision,
         "threads": torch.get_num_threads(),
+        "batch_size": demo.batch_size,
         "gflop_per_step": round(gflop, 2),
         "s_per_step_compute": round(compute, 4),
         "s_per_step_wall": round(wall, 4),

@@ -11,6 +11,7 @@ import torch
 from albef_hf import AlbefForPreTraining, AlbefModel, AlbefProcessor, pre_caption
 from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
 from albef_hf.demo.__main__ import main, parse_args
+from albef_hf.demo.config import RECIPES
 from albef_hf.demo.data import SPECIAL_TOKENS, SyntheticPairs, synthetic_tokenizer, synthetic_vocabulary
 
 
@@ -40,12 +41,15 @@ def test_pairs_index_images_and_captions():
 
 def test_command_line_sets_any_field():
     config = parse_args(["--seed", "3", "--scale", "2", "--set", "eval_images=50", "batch_size=16"])
-    assert (config.seed, config.steps, config.eval_images, config.batch_size) == (
-        3,
-        2 * config.max_steps,
-        50,
-        16,
-    )
+    assert (config.seed, config.eval_images, config.batch_size) == (3, 50, 16)
+    # the steps left at 0 come from the recipe of the precision; a batch size that was set stays
+    for bf16 in (True, False):
+        resolved = config.with_recipe(bf16)
+        assert resolved.max_steps == RECIPES[bf16][1] and resolved.steps == 2 * RECIPES[bf16][1]
+        assert resolved.batch_size == 16
+    assert parse_args([]).with_recipe(False).batch_size == RECIPES[False][0]
+    with pytest.raises(ValueError, match="with_recipe"):
+        _ = parse_args([]).steps
     assert parse_args(["--set", "distill=false"]).distill is False
     assert parse_args(["--set", "distill=true", "queue_size=64"]).queue_size == 64
     for bad in (["--set", "no_such_field=1"], ["--set", "distill=maybe"]):

@@ -11,8 +11,8 @@ from transformers import HfArgumentParser
 from transformers.testing_utils import CaptureLogger
 
 from albef_hf import precision
-from albef_hf.demo.config import DemoConfig
-from albef_hf.demo.run import training_arguments
+from albef_hf.demo.config import RECIPES, DemoConfig
+from albef_hf.demo.run import training_arguments, with_recipe
 from albef_hf.trainer import AlbefTrainingArguments
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -82,9 +82,13 @@ def test_cuda_device_asks_cuda(monkeypatch):
 
 
 def test_demo_follows_the_policy(native, tmp_path):
-    args = training_arguments(DemoConfig(output_dir=str(tmp_path)))
+    demo = with_recipe(DemoConfig(output_dir=str(tmp_path)))
+    assert (demo.batch_size, demo.max_steps) == RECIPES[native]
+    args = training_arguments(demo)
     assert args.bf16 is native
-    assert training_arguments(DemoConfig(output_dir=str(tmp_path), bf16="false")).bf16 is False
+    fp32 = with_recipe(DemoConfig(output_dir=str(tmp_path), bf16="false"))
+    assert (fp32.batch_size, fp32.max_steps) == RECIPES[False]
+    assert training_arguments(fp32).bf16 is False
 
 
 def test_example_scripts_follow_the_policy(native, tmp_path, monkeypatch):

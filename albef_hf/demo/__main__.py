@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         help="multiply the training budget (2 = twice the steps)",
     )
     parser.add_argument(
-        "--max-steps", type=int, default=defaults.max_steps, help="optimizer steps at scale 1"
+        "--max-steps",
+        type=int,
+        default=defaults.max_steps,
+        help="optimizer steps at scale 1 (default: 1000 where bf16 is native, 1100 in fp32)",
     )
     parser.add_argument(
         "--time-budget-minutes",

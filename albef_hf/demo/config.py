@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["DemoConfig"]
+__all__ = ["RECIPES", "DemoConfig"]
+
+
+# (batch size, optimizer steps) of the demo's training, by whether it trains in bf16. Where bf16 is native (a CPU
+# with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71, about five
+# minutes on two cores. In fp32, 1100 steps of 32 pairs: 19 TFLOP for about 60/55 (half the compute; at the same
+# compute, batch 32 learns faster than 550 steps of 64), see benchmarks/demo_compute.md.
+RECIPES = {True: (64, 1000), False: (32, 1100)}
 
 
 @dataclass
@@ -50,10 +57,10 @@ class DemoConfig:
 
     # training: AlbefTrainer with momentum distillation; a feature queue (queue_size > 0) slows learning from
     # scratch at this scale (its features go stale while the model changes fast), so the batch is the queue.
-    # For the same compute, 1100 steps of 32 pairs learn faster than 550 of 64 (benchmarks/demo_compute.md)
-    max_steps: int = 1100
+    # batch_size and max_steps left at 0 come from RECIPES, by the precision the run trains in
+    max_steps: int = 0
     scale: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 0
     learning_rate: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -74,8 +81,15 @@ class DemoConfig:
 
     @property
     def steps(self) -> int:
-        """Optimizer steps of this run: `max_steps * scale`."""
+        """Optimizer steps of this run: `max_steps * scale` (after `with_recipe`)."""
+        if not self.max_steps:
+            raise ValueError("max_steps is 0 (the recipe's): call with_recipe(bf16) first")
         return max(1, round(self.max_steps * self.scale))
+
+    def with_recipe(self, bf16: bool) -> DemoConfig:
+        """This config with `batch_size` and `max_steps` left at 0 taken from `RECIPES[bf16]`."""
+        batch_size, max_steps = RECIPES[bf16]
+        return replace(self, batch_size=self.batch_size or batch_size, max_steps=self.max_steps or max_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

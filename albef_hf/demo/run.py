@@ -22,6 +22,7 @@ from ..hub import push_to_hub
 from ..image_processing_albef import AlbefImageProcessor
 from ..modelcard import AlbefCardInfo, build_model_card, save_model_card
 from ..modeling_albef import AlbefForPreTraining
+from ..precision import native_bf16_available, parse_bf16
 from ..processing_albef import AlbefProcessor
 from ..trainer import AlbefTrainer, AlbefTrainingArguments
 from .config import DemoConfig
@@ -38,6 +39,7 @@ __all__ = [
     "pretrain",
     "run_demo",
     "training_arguments",
+    "with_recipe",
 ]
 
 
@@ -119,6 +121,13 @@ def demo_processor(demo: DemoConfig, world: SyntheticWorldConfig) -> AlbefProces
     )
 
 
+def with_recipe(demo: DemoConfig) -> DemoConfig:
+    """`demo` with the batch size and steps of the recipe of the precision it will train in (`RECIPES`)."""
+    policy = parse_bf16(demo.bf16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return demo.with_recipe(native_bf16_available(device) if policy == "auto" else policy)
+
+
 def training_arguments(demo: DemoConfig) -> AlbefTrainingArguments:
     """The demo's `AlbefTrainingArguments`: bf16 follows `demo.bf16` ("auto": only where it is native)."""
     return AlbefTrainingArguments(
@@ -150,6 +159,7 @@ def pretrain(
 ) -> AlbefTrainer:
     """Pretrain a fresh model on the world's training pairs with `AlbefTrainer` (with extra `callbacks`);
     returns the trainer."""
+    demo = with_recipe(demo)
     model = build_model(demo, processor.tokenizer)
     args = training_arguments(demo)
     budget = _TimeBudget(None if demo.time_budget_minutes is None else demo.time_budget_minutes * demo.scale)
@@ -188,6 +198,7 @@ def evaluate_zero_shot(
 def run_demo(demo: DemoConfig) -> DemoResult:
     """Run the whole demo; returns the paths, the summary (settings and metrics) and the training log."""
     start = time.time()
+    demo = with_recipe(demo)
     os.makedirs(demo.output_dir, exist_ok=True)
     world = world_config(demo)
     processor = demo_processor(demo, world)
