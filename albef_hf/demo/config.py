@@ -9,9 +9,9 @@ __all__ = ["RECIPES", "DemoConfig"]
 
 
 # (batch size, optimizer steps) of the demo's training, by whether it trains in bf16. Where bf16 is native (a CPU
-# with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71, about five
-# minutes on two cores. In fp32, 1100 steps of 32 pairs: 19 TFLOP for about 60/55 (half the compute; at the same
-# compute, batch 32 learns faster than 550 steps of 64), see benchmarks/demo_compute.md.
+# with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71. In fp32,
+# 1100 steps of 32 pairs: 19 TFLOP for about 60/55 (half the compute; at the same compute, batch 32 learns
+# faster than 550 steps of 64), see benchmarks/demo_compute.md.
 RECIPES = {True: (64, 1000), False: (32, 1100)}
 
 
@@ -19,8 +19,8 @@ RECIPES = {True: (64, 1000), False: (32, 1100)}
 class DemoConfig:
     """Settings of `python -m albef_hf.demo` (the README's first command).
 
-    The defaults pretrain a small ALBEF on the synthetic world in about six minutes on two CPU cores (bf16)
-    and then evaluate zero-shot retrieval on held-out scenes. `scale` multiplies the training budget: the
+    The defaults pretrain a small ALBEF on the synthetic world with the recipe of the precision the CPU computes
+    natively (`RECIPES`) and then evaluate zero-shot retrieval on held-out scenes. `scale` multiplies the training budget: the
     steps and the time budget (which stops a slow machine's training early, so the demo still ends).
     """
 
