@@ -65,6 +65,8 @@ def test_short_demo_end_to_end(tmp_path):
             str(output),
             "--max-steps",
             "300",
+            "--time-budget-minutes",
+            "0",  # a busy machine must not cut the 300 steps the test checks
             "--set",
             "batch_size=32",
             "eval_images=100",
