@@ -721,7 +721,9 @@ def _progress_bar(total: int, done: int, enabled: bool, description: str):
 
 
 def _write_json(path: str, value: Any) -> None:
-    """Write `value` to `path` whole or not at all (a temporary file, then renamed)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
+    """Write `value` to `path` whole or not at all (a temporary file of this process, then renamed: the ranks
+    of a build may write the same file at once)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
         json.dump(value, file)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
