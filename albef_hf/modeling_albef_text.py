@@ -279,8 +279,9 @@ class AlbefTextSelfAttention(nn.Module):
             # the `group` queries of one sequence, without a copy of the keys/values per row
             return self._attend_grouped(query, key, value, attention_mask, group), None
         if key_value_index is not None:
-            # keys/values were projected once per distinct image; each text row picks its image's
-            key, value = key[key_value_index], value[key_value_index]
+            # keys/values were projected once per distinct image; each text row picks its image's (index_select:
+            # its backward adds rows, cheaper than advanced indexing's accumulating index_put on a CPU)
+            key, value = key.index_select(0, key_value_index), value.index_select(0, key_value_index)
         output, probs = attention_forward(
             self,
             self.config._attn_implementation,

@@ -5,7 +5,8 @@ Trains the demo model (`python -m albef_hf.demo`'s defaults, or `--set name=valu
 own `pretrain` path for `--warmup + --steps` optimizer steps and prints, per precision, in one process:
 
 - GFLOP of one optimizer step (teacher and student forward, backward), counted with
-  `torch.utils.flop_counter.FlopCounterMode` on a step after the warm-up;
+  `torch.utils.flop_counter.FlopCounterMode` and averaged over `--count-steps` steps after the timed ones
+  (batches differ in caption lengths, and the padding is skipped, so steps differ by a few percent);
 - seconds per step: the median of the measured steps, compute only (from the Trainer's `on_step_begin`, after
   the batch is fetched, to `on_step_end`) and wall time between consecutive steps (data loading included);
 - the achieved GFLOP/s, the matmul rate of a 2048^3 product measured in the same process, and their ratio;
@@ -41,16 +42,17 @@ from albef_hf.precision import cpu_has_native_bf16
 
 
 class StepProbe(TrainerCallback):
-    """Times every optimizer step and counts the FLOPs of step `count_step` (which is not timed)."""
+    """Times every optimizer step before `count_from` and counts the FLOPs of each step from `count_from` on
+    (counting slows a step down, so those are not timed)."""
 
-    def __init__(self, count_step: int) -> None:
-        self.count_step = count_step
-        self.compute, self.cpu, self.wall, self.flops = [], [], [], 0
+    def __init__(self, count_from: int) -> None:
+        self.count_from = count_from
+        self.compute, self.cpu, self.wall, self.flops = [], [], [], []
         self._begin = self._cpu_begin = self._last_end = None
         self._counter: FlopCounterMode | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.count_step:
+        if state.global_step >= self.count_from:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
         self._begin, self._cpu_begin = time.perf_counter(), time.process_time()
@@ -59,14 +61,14 @@ class StepProbe(TrainerCallback):
         now, cpu_now = time.perf_counter(), time.process_time()
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops = self._counter.get_total_flops()
+            self.flops.append(self._counter.get_total_flops())
             self._counter = None
-        else:
-            self.compute.append(now - self._begin)
-            self.cpu.append(cpu_now - self._cpu_begin)
-            if self._last_end is not None:
-                self.wall.append(now - self._last_end)
-        self._last_end = now if self._counter is None else None
+            return
+        self.compute.append(now - self._begin)
+        self.cpu.append(cpu_now - self._cpu_begin)
+        if self._last_end is not None:
+            self.wall.append(now - self._last_end)
+        self._last_end = now
 
 
 def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> tuple[float, float]:
@@ -84,7 +86,7 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> tuple
     return flop / best, flop / best_cpu
 
 
-def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
+def measure(precision: str, demo: DemoConfig, steps: int, warmup: int, count_steps: int) -> dict:
     torch.manual_seed(0)
     # the demo's recipe for this precision (its batch size; its steps for the totals)
     demo = with_recipe(replace(demo, bf16="true" if precision.startswith("bf16") else "false"))
@@ -92,16 +94,16 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int) -> dict:
         run = replace(
             demo,
             output_dir=output_dir,
-            max_steps=warmup + steps + 1,
+            max_steps=warmup + steps + count_steps,
             scale=1.0,
             time_budget_minutes=None,
             logging_steps=10**6,
         )
         world = world_config(run)
-        probe = StepProbe(count_step=warmup)
+        probe = StepProbe(count_from=warmup + steps)
         pretrain(run, world, demo_processor(run, world), callbacks=(probe,))
     rate, cpu_rate = matmul_rate(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
-    gflop = probe.flops / 1e9
+    gflop = statistics.mean(probe.flops) / 1e9
     compute = statistics.median(probe.compute[warmup:])
     cpu = statistics.median(probe.cpu[warmup:])
     wall = statistics.median(probe.wall[warmup:])
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before measuring")
+    parser.add_argument("--count-steps", type=int, default=10, help="optimizer steps whose FLOPs are counted")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--emulated-bf16", action="store_true", help="time bf16 also where it is emulated")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="DemoConfig overrides")
@@ -151,19 +154,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     demo = replace(DemoConfig(), **parse_overrides(args.set))
     if args.inline:
-        print(json.dumps(measure(args.precision[0], demo, args.steps, args.warmup)))
+        print(json.dumps(measure(args.precision[0], demo, args.steps, args.warmup, args.count_steps)))
         return
     native = cpu_has_native_bf16()
     print(f"CPU: {cpu_model()}; native bf16: {native}; torch {torch.__version__}, {args.threads} threads")
     print(f"demo settings: {json.dumps(parse_overrides(args.set)) if args.set else 'defaults'}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for precision in args.precision:
-        steps = args.steps
+        steps, count_steps = args.steps, args.count_steps
         if precision == "bf16" and not native:
             if not args.emulated_bf16:
                 print("bf16: skipped, this CPU has no native bf16 (--emulated-bf16 times the emulation)")
                 continue
-            precision, steps = "bf16-emulated", min(steps, 3)
+            precision, steps, count_steps = "bf16-emulated", min(steps, 3), 1
         command = [sys.executable, os.path.abspath(__file__), "--inline", "--precision", precision[:4]]
         command += [
             "--steps",
@@ -172,6 +175,8 @@ def main() -> None:
             str(min(args.warmup, steps)),
             "--threads",
             str(args.threads),
+            "--count-steps",
+            str(count_steps),
         ]
         command += ["--set", *args.set] if args.set else []
         output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout

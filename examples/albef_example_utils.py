@@ -518,7 +518,8 @@ def build_task_model(
     - holding another ALBEF (a pretrained `AlbefForPreTraining`; for NLVR2 also the text-assignment model):
       `model_class.from_pretrained_albef`, at --image_size when given, and its report is printed;
     - no path: a freshly initialised `AlbefForPreTraining` from the configuration (--config_name,
-      --config_overrides, or the pretrained towers), turned into the task model the same way.
+      --config_overrides, or the pretrained towers), turned into the task model the same way; without pretrained
+      towers the report lists every weight as newly initialised.
 
     Args:
         config_kwargs: configuration overrides of the task model, computed from the source's configuration (the
@@ -534,6 +535,9 @@ def build_task_model(
     else:
         source = build_model(AlbefForPreTraining, model_args)
         config = source.config
+        if not (model_args.vision_model_name_or_path or model_args.text_model_name_or_path):
+            # nothing pretrained: the report says that every weight starts new (none is "copied")
+            source.newly_initialized_versions = {key: value._version for key, value in source.state_dict().items()}
     model, report = model_class.from_pretrained_albef(
         source,
         image_size=model_args.image_size,

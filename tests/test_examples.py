@@ -220,7 +220,11 @@ def check_task_run(out, metric, model_class):
 def test_run_vqa_on_the_synthetic_world(tmp_path, model_files, capsys):
     out = tmp_path / "out"
     trainer = load_script("run_vqa").main(synthetic_task_args(model_files, out, "--vqa_top_k", "3"))
-    assert "AlbefForQuestionAnswering initialised from AlbefForPreTraining" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AlbefForQuestionAnswering initialised from AlbefForPreTraining" in printed
+    # a model from scratch: nothing is reported as copied from the (new) source
+    assert "answer_head: newly initialised in the source" in printed
+    assert "copied" not in printed and "duplicated" not in printed
     model = check_task_run(out, "eval_vqa_score", AlbefForQuestionAnswering)
     # the decoder has one layer per pretrained fusion layer, each initialised from it
     assert model.config.decoder_config.num_hidden_layers == 2

@@ -10,9 +10,9 @@ __all__ = ["RECIPES", "DemoConfig"]
 
 # (batch size, optimizer steps) of the demo's training, by whether it trains in bf16. Where bf16 is native (a CPU
 # with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71. In fp32,
-# 1100 steps of 32 pairs: 19 TFLOP for about 60/55 (half the compute; at the same compute, batch 32 learns
-# faster than 550 steps of 64), see benchmarks/demo_compute.md.
-RECIPES = {True: (64, 1000), False: (32, 1100)}
+# 1450 steps of 24 pairs: 19.5 TFLOP for TR/IR@1 61-65/57-58 over seeds 0-2 (at equal compute, smaller batches
+# and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64 35.6/33.3), see benchmarks/demo_compute.md.
+RECIPES = {True: (64, 1000), False: (24, 1450)}
 
 
 @dataclass
@@ -66,6 +66,10 @@ class DemoConfig:
     warmup_steps: int = 100
     momentum: float = 0.99
     alpha: float = 0.4
+    # distillation ramps from 0 to `alpha` over these first steps (the original ramps over its first epoch, which
+    # the demo's short runs do not complete: the fp32 recipe's 1450 steps of 24 are 0.7 of an epoch, and alpha
+    # stayed below 0.3 with that ramp; over 200 steps the fp32 recipe gained 3-5 points of R@1 on seed 2)
+    alpha_warmup_steps: int = 200
     queue_size: int = 0
     bf16: str = "auto"
     time_budget_minutes: float | None = 9.0

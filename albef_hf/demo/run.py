@@ -139,6 +139,7 @@ def training_arguments(demo: DemoConfig) -> AlbefTrainingArguments:
         warmup_steps=demo.warmup_steps,
         momentum=demo.momentum,
         alpha=demo.alpha,
+        alpha_warmup_steps=demo.alpha_warmup_steps,
         distill=demo.distill,
         queue_size=demo.queue_size,
         bf16=demo.bf16,
