@@ -537,7 +537,9 @@ def build_task_model(
         config = source.config
         if not (model_args.vision_model_name_or_path or model_args.text_model_name_or_path):
             # nothing pretrained: the report says that every weight starts new (none is "copied")
-            source.newly_initialized_versions = {key: value._version for key, value in source.state_dict().items()}
+            source.newly_initialized_versions = {
+                key: value._version for key, value in source.state_dict().items()
+            }
     model, report = model_class.from_pretrained_albef(
         source,
         image_size=model_args.image_size,
