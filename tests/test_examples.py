@@ -226,7 +226,7 @@ def test_run_vqa_on_the_synthetic_world(tmp_path, model_files, capsys):
     assert "answer_head: newly initialised in the source" in printed
     assert "copied" not in printed and "duplicated" not in printed
     model = check_task_run(out, "eval_vqa_score", AlbefForQuestionAnswering)
-    # the decoder has one layer per pretrained fusion layer, each initialised from it
+    # the decoder has one layer per fusion layer of the (new) source
     assert model.config.decoder_config.num_hidden_layers == 2
     prediction = json.loads((out / "predictions.json").read_text())[0]
     assert len(prediction["top_answers"]) == 3 and prediction["answer"] in VQA_ANSWER_LIST
