@@ -118,15 +118,11 @@ def reference_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tens
     return scores_i2t, scores_t2i
 
 
-@torch.no_grad()
-def albef_hf_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """This package's evaluation: `encode_image`, `encode_texts_by_length`, `rank`."""
-    from albef_hf.evaluation import encode_texts_by_length
-
-    image_embeds = encode_images(model, inputs["pixel_values"])
-    text_embeds, mask = encode_texts_by_length(
-        model, inputs["input_ids"], inputs["attention_mask"], ENCODER_BATCH
-    )
+def rank_scores(
+    model, image_embeds, text_embeds, mask, k: int, rows: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.rank` of the encoded images and texts, re-ranking the first `rows` of the queries:
+    `(scores_i2t, scores_t2i)`."""
     ranking = model.rank(
         image_embeds,
         text_embeds,
@@ -137,6 +133,18 @@ def albef_hf_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tenso
         text_rows=query_rows(text_embeds.shape[0], rows),
     )
     return ranking.scores_i2t, ranking.scores_t2i
+
+
+@torch.no_grad()
+def albef_hf_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This package's evaluation: `encode_image`, `encode_texts_by_length`, `rank`."""
+    from albef_hf.evaluation import encode_texts_by_length
+
+    image_embeds = encode_images(model, inputs["pixel_values"])
+    text_embeds, mask = encode_texts_by_length(
+        model, inputs["input_ids"], inputs["attention_mask"], ENCODER_BATCH
+    )
+    return rank_scores(model, image_embeds, text_embeds, mask, k, rows)
 
 
 @torch.no_grad()
@@ -153,16 +161,7 @@ def padded_rank_evaluation(model, inputs, k: int, rows: float) -> tuple[torch.Te
             for start in range(0, input_ids.shape[0], ENCODER_BATCH)
         ]
     )
-    ranking = model.rank(
-        image_embeds,
-        text_embeds,
-        mask,
-        k=k,
-        batch_size=ITM_BATCH,
-        image_rows=query_rows(image_embeds.shape[0], rows),
-        text_rows=query_rows(text_embeds.shape[0], rows),
-    )
-    return ranking.scores_i2t, ranking.scores_t2i
+    return rank_scores(model, image_embeds, text_embeds, mask, k, rows)
 
 
 WAYS = {"reference": reference_evaluation, "albef-hf": albef_hf_evaluation}
