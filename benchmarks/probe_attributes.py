@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""What a pretrained synthetic-world model sees: colour, shape, size and position, probed one at a time.
+
+For held-out scenes with a single object, the model scores the caption "a {size} {colour} {shape} at the
+{position}" against the same caption with one attribute replaced by each other value (8 colours, 6 shapes,
+2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match logit.
+Chance is 1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in
+many ways at once); this shows which.
+
+    python benchmarks/probe_attributes.py --model outputs/demo/model
+    python benchmarks/probe_attributes.py --model outputs/demo/model --scenes 400 --seed 0
+
+`--seed` must be the world seed the model was pretrained on (the demo's `--seed`), so that the scenes are
+held-out layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from albef_hf import AlbefForPreTraining, AlbefProcessor
+from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
+from albef_hf.data.synthetic.config import POSITION_NAMES, SIZES
+
+
+def variants(obj, position: str, config: SyntheticWorldConfig) -> dict[str, tuple[list[str], int]]:
+    """Per attribute: the captions with each of its values (the true one among them) and the true one's index."""
+    values = {
+        "colour": list(config.colour_names),
+        "shape": list(config.shapes),
+        "size": list(SIZES),
+        "position": [name for row in POSITION_NAMES[config.grid_size] for name in row],
+    }
+    truth = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": position}
+    probes = {}
+    for attribute, options in values.items():
+        captions = []
+        for option in options:
+            words = {**truth, attribute: option}
+            captions.append(
+                f"a {words['size']} {words['colour']} {words['shape']} at the {words['position']}"
+            )
+        probes[attribute] = (captions, options.index(truth[attribute]))
+    return probes
+
+
+@torch.no_grad()
+def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, seed: int) -> dict[str, float]:
+    config = SyntheticWorldConfig(image_size=model.config.image_size)
+    names = POSITION_NAMES[config.grid_size]
+    hits: dict[str, list[bool]] = {}
+    index = found = 0
+    while found < scenes:
+        sample = caption_sample(config, seed, "test", index, noisy=False)
+        index += 1
+        if len(sample.scene.objects) != 1:
+            continue
+        found += 1
+        obj = sample.scene.objects[0]
+        row, col = obj.cell
+        pixels = processor(images=render_scene(sample.scene), return_tensors="pt")["pixel_values"]
+        image = model.encode_image(pixels).last_hidden_state
+        for attribute, (captions, truth) in variants(obj, names[row][col], config).items():
+            text = processor(text=captions, return_tensors="pt", padding=True)
+            tokens = model.encode_text(text["input_ids"], text["attention_mask"]).last_hidden_state
+            itc = (model.project_image(image) @ model.project_text(tokens).T)[0]
+            itm = model.rank(image, tokens, text["attention_mask"], k=len(captions)).scores_i2t[0]
+            hits.setdefault(f"{attribute}_itc", []).append(int(itc.argmax()) == truth)
+            hits.setdefault(f"{attribute}_itm", []).append(int(itm.argmax()) == truth)
+    return {name: round(100 * float(np.mean(values)), 1) for name, values in hits.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", required=True, help="a saved AlbefForPreTraining folder (the demo's model)"
+    )
+    parser.add_argument("--scenes", type=int, default=200, help="held-out single-object scenes")
+    parser.add_argument("--seed", type=int, default=0, help="the world seed the model was pretrained on")
+    args = parser.parse_args()
+    model = AlbefForPreTraining.from_pretrained(args.model).eval()
+    processor = AlbefProcessor.from_pretrained(args.model)
+    result = probe(model, processor, args.scenes, args.seed)
+    world = SyntheticWorldConfig()
+    counts = {"colour": len(world.colour_names), "shape": len(world.shapes), "size": len(SIZES)}
+    chance = {**{name: 100 / count for name, count in counts.items()}, "position": 100 / world.grid_size**2}
+    print(
+        f"{'attribute':<10} {'ITC':>6} {'ITM':>6} {'chance':>7}   ({args.scenes} held-out single-object scenes)"
+    )
+    for attribute, level in chance.items():
+        print(
+            f"{attribute:<10} {result[attribute + '_itc']:>6} {result[attribute + '_itm']:>6} {level:>7.1f}"
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
