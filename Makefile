@@ -35,5 +35,5 @@ demo: $(VENV)/.installed-demo
 # The interactive page of the demo's saved model (ARGS="--port 7861 --gallery-size 300 ..."), on 127.0.0.1.
 DEMO_MODEL := outputs/demo/model
 app: setup
-	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model in $(DEMO_MODEL): run 'make demo' first (about 7 minutes)"; exit 1; }
+	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model in $(DEMO_MODEL): run 'make demo' first (about 6 minutes)"; exit 1; }
 	$(BIN)/python -m albef_hf.app --model $(DEMO_MODEL) $(ARGS)

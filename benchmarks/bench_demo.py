@@ -10,7 +10,9 @@ own `pretrain` path for `--warmup + --steps` optimizer steps and prints, per pre
 - seconds per step: the median of the measured steps, compute only (from the Trainer's `on_step_begin`, after
   the batch is fetched, to `on_step_end`) and wall time between consecutive steps (data loading included);
 - the achieved GFLOP/s, the matmul rate of a 2048^3 product measured in the same process, and their ratio;
-- the training compute of the whole demo (`max_steps` steps) in TFLOP.
+- the training compute of the whole demo (`max_steps` steps) in TFLOP;
+- the median compute time of each hundred measured steps, with `--steps` of 200 or more (do steps slow down as a
+  run goes on?), and the process's peak resident memory.
 
 bf16 runs only where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere it is skipped with a message,
 unless `--emulated-bf16` asks to time the emulation too (a few steps: it is about 20x slower than fp32).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -107,6 +110,8 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int, count_ste
     compute = statistics.median(probe.compute[warmup:])
     cpu = statistics.median(probe.cpu[warmup:])
     wall = statistics.median(probe.wall[warmup:])
+    measured = probe.compute[warmup:]
+    hundreds = [measured[start : start + 100] for start in range(0, len(measured) - 99, 100)]
     return {
         "precision": precision,
         "threads": torch.get_num_threads(),
@@ -125,6 +130,12 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int, count_ste
         "demo_steps": demo.steps,
         "demo_training_tflop": round(gflop * demo.steps / 1e3, 2),
         "demo_training_minutes_estimate": round(wall * demo.steps / 60, 2),
+        **(
+            {"s_per_step_compute_by_100": [round(statistics.median(h), 4) for h in hundreds]}
+            if len(hundreds) > 1
+            else {}
+        ),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 
