@@ -86,8 +86,9 @@ class TokenPacking:
 
     The packed rows are the real tokens plus the first padding positions needed to make their count a multiple of
     `row_multiple` (or all positions). Without that, nearly every batch has a row count of its own, and the CPU
-    kernels built and cached per shape (oneDNN's) made the bf16 demo's steps grow from 0.27 to 0.36 s over 400
-    steps while the process grew by 0.9 GB; with multiples of 64 they stay at 0.23 s (fp32: +2% FLOPs, same time).
+    kernels built and cached per shape (oneDNN's) made the bf16 demo's steps 15% slower by its 300th step and its
+    process 1.2 GB larger (`benchmarks/bench_demo.py --steps 400`); with multiples of 64 its steps stay at their
+    first speed (fp32: +2% FLOPs, no slower).
     """
 
     index: torch.Tensor

@@ -10,8 +10,8 @@ __all__ = ["RECIPES", "DemoConfig"]
 
 # (batch size, optimizer steps) of the demo's training, by whether it trains in bf16. Where bf16 is native (a CPU
 # with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71. In fp32,
-# 1450 steps of 24 pairs: 19-20 TFLOP for TR/IR@1 60.2-64.6 / 54.6-59.6 (seeds 0-2, two runs each; at equal compute, smaller
-# batches and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64 35.6/33.3), see
+# 1450 steps of 24 pairs: 19-20 TFLOP for TR/IR@1 60.2-64.6 / 54.6-59.6 (seeds 0-2, two runs each; at equal
+# compute, smaller batches and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64 35.6/33.3), see
 # benchmarks/demo_compute.md.
 RECIPES = {True: (64, 1000), False: (24, 1450)}
 
