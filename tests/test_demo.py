@@ -42,12 +42,13 @@ def test_pairs_index_images_and_captions():
 def test_command_line_sets_any_field():
     config = parse_args(["--seed", "3", "--scale", "2", "--set", "eval_images=50", "batch_size=16"])
     assert (config.seed, config.eval_images, config.batch_size) == (3, 50, 16)
-    # the steps left at 0 come from the recipe of the precision; a batch size that was set stays
+    # the steps and learning rate left at 0 come from the recipe of the precision; a batch size that was set stays
     for bf16 in (True, False):
         resolved = config.with_recipe(bf16)
         assert resolved.max_steps == RECIPES[bf16][1] and resolved.steps == 2 * RECIPES[bf16][1]
-        assert resolved.batch_size == 16
+        assert resolved.batch_size == 16 and resolved.learning_rate == RECIPES[bf16][2]
     assert parse_args([]).with_recipe(False).batch_size == RECIPES[False][0]
+    assert parse_args(["--set", "learning_rate=5e-4"]).with_recipe(False).learning_rate == 5e-4
     with pytest.raises(ValueError, match="with_recipe"):
         _ = parse_args([]).steps
     assert parse_args(["--set", "distill=false"]).distill is False

@@ -83,11 +83,11 @@ def test_cuda_device_asks_cuda(monkeypatch):
 
 def test_demo_follows_the_policy(native, tmp_path):
     demo = with_recipe(DemoConfig(output_dir=str(tmp_path)))
-    assert (demo.batch_size, demo.max_steps) == RECIPES[native]
+    assert (demo.batch_size, demo.max_steps, demo.learning_rate) == RECIPES[native]
     args = training_arguments(demo)
-    assert args.bf16 is native
+    assert args.bf16 is native and args.learning_rate == RECIPES[native][2]
     fp32 = with_recipe(DemoConfig(output_dir=str(tmp_path), bf16="false"))
-    assert (fp32.batch_size, fp32.max_steps) == RECIPES[False]
+    assert (fp32.batch_size, fp32.max_steps, fp32.learning_rate) == RECIPES[False]
     assert training_arguments(fp32).bf16 is False
 
 

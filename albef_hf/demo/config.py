@@ -8,12 +8,12 @@ from typing import Any
 __all__ = ["RECIPES", "DemoConfig"]
 
 
-# (batch size, optimizer steps) of the demo's training, by whether it trains in bf16. Where bf16 is native (a CPU
-# with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs: 35 TFLOP, zero-shot TR/IR@1 about 74/71. In fp32,
-# 1450 steps of 24 pairs: 19-20 TFLOP for TR/IR@1 60.2-64.6 / 54.6-59.6 (seeds 0-2, two runs each; at equal
-# compute, smaller batches and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64 35.6/33.3), see
-# benchmarks/demo_compute.md.
-RECIPES = {True: (64, 1000), False: (24, 1450)}
+# (batch size, optimizer steps, peak learning rate) of the demo's training, by whether it trains in bf16. Where
+# bf16 is native (a CPU with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs at 1e-3: 34-35 TFLOP, zero-shot
+# TR/IR@1 about 74/71. In fp32, 1450 steps of 24 pairs at 7e-4: 19-20 TFLOP for TR/IR@1 62-65/57-63 over seeds
+# 0-2 (at equal compute, smaller batches and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64
+# 35.6/33.3; at batch 24 a peak of 1e-3 left seed 1 at 60.2/54.6), see benchmarks/demo_compute.md.
+RECIPES = {True: (64, 1000, 1e-3), False: (24, 1450, 7e-4)}
 
 
 @dataclass
@@ -58,11 +58,11 @@ class DemoConfig:
 
     # training: AlbefTrainer with momentum distillation; a feature queue (queue_size > 0) slows learning from
     # scratch at this scale (its features go stale while the model changes fast), so the batch is the queue.
-    # batch_size and max_steps left at 0 come from RECIPES, by the precision the run trains in
+    # batch_size, max_steps and learning_rate left at 0 come from RECIPES, by the precision the run trains in
     max_steps: int = 0
     scale: float = 1.0
     batch_size: int = 0
-    learning_rate: float = 1e-3
+    learning_rate: float = 0.0
     min_lr: float = 1e-5
     warmup_steps: int = 100
     momentum: float = 0.99
@@ -92,9 +92,14 @@ class DemoConfig:
         return max(1, round(self.max_steps * self.scale))
 
     def with_recipe(self, bf16: bool) -> DemoConfig:
-        """This config with `batch_size` and `max_steps` left at 0 taken from `RECIPES[bf16]`."""
-        batch_size, max_steps = RECIPES[bf16]
-        return replace(self, batch_size=self.batch_size or batch_size, max_steps=self.max_steps or max_steps)
+        """This config with `batch_size`, `max_steps` and `learning_rate` left at 0 taken from `RECIPES[bf16]`."""
+        batch_size, max_steps, learning_rate = RECIPES[bf16]
+        return replace(
+            self,
+            batch_size=self.batch_size or batch_size,
+            max_steps=self.max_steps or max_steps,
+            learning_rate=self.learning_rate or learning_rate,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
