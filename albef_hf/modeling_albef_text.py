@@ -102,11 +102,9 @@ class TokenPacking:
         if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
             return None
         flat = attention_mask.flatten()
-        index = flat.nonzero().squeeze(1)
-        rows = min(flat.numel(), -(-index.numel() // cls.row_multiple) * cls.row_multiple)
-        if rows > index.numel():
-            filler = (flat == 0).nonzero().squeeze(1)[: rows - index.numel()]
-            index = torch.cat([index, filler]).sort().values
+        rows = min(flat.numel(), -(-int(flat.count_nonzero()) // cls.row_multiple) * cls.row_multiple)
+        # the tokens first, then the padding, each in order (a stable sort): the first `rows` are the packing
+        index = flat.argsort(descending=True, stable=True)[:rows].sort().values
         return cls(index, attention_mask.shape[0], attention_mask.shape[1])
 
     def pack(self, states: torch.Tensor) -> torch.Tensor:

@@ -107,10 +107,10 @@ def measure(precision: str, demo: DemoConfig, steps: int, warmup: int, count_ste
         pretrain(run, world, demo_processor(run, world), callbacks=(probe,))
     rate, cpu_rate = matmul_rate(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
     gflop = statistics.mean(probe.flops) / 1e9
-    compute = statistics.median(probe.compute[warmup:])
+    measured = probe.compute[warmup:]
+    compute = statistics.median(measured)
     cpu = statistics.median(probe.cpu[warmup:])
     wall = statistics.median(probe.wall[warmup:])
-    measured = probe.compute[warmup:]
     hundreds = [measured[start : start + 100] for start in range(0, len(measured) - 99, 100)]
     return {
         "precision": precision,

@@ -25,19 +25,25 @@ import torch
 from albef_hf import AlbefForPreTraining, AlbefProcessor
 from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
 from albef_hf.data.synthetic.config import POSITION_NAMES, SIZES
+from albef_hf.data.synthetic.language import position_name
 
 
-def variants(obj, position: str, config: SyntheticWorldConfig) -> dict[str, tuple[list[str], int]]:
-    """Per attribute: the captions with each of its values (the true one among them) and the true one's index."""
-    values = {
+def attribute_values(config: SyntheticWorldConfig) -> dict[str, list[str]]:
+    """Every value each probed attribute takes in the world."""
+    return {
         "colour": list(config.colour_names),
         "shape": list(config.shapes),
         "size": list(SIZES),
         "position": [name for row in POSITION_NAMES[config.grid_size] for name in row],
     }
+
+
+def variants(obj, config: SyntheticWorldConfig) -> dict[str, tuple[list[str], int]]:
+    """Per attribute: the captions with each of its values (the true one among them) and the true one's index."""
+    position = position_name(obj.cell, config.grid_size)
     truth = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": position}
     probes = {}
-    for attribute, options in values.items():
+    for attribute, options in attribute_values(config).items():
         captions = []
         for option in options:
             words = {**truth, attribute: option}
@@ -51,7 +57,6 @@ def variants(obj, position: str, config: SyntheticWorldConfig) -> dict[str, tupl
 @torch.no_grad()
 def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, seed: int) -> dict[str, float]:
     config = SyntheticWorldConfig(image_size=model.config.image_size)
-    names = POSITION_NAMES[config.grid_size]
     hits: dict[str, list[bool]] = {}
     index = found = 0
     while found < scenes:
@@ -60,14 +65,13 @@ def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, se
         if len(sample.scene.objects) != 1:
             continue
         found += 1
-        obj = sample.scene.objects[0]
-        row, col = obj.cell
         pixels = processor(images=render_scene(sample.scene), return_tensors="pt")["pixel_values"]
         image = model.encode_image(pixels).last_hidden_state
-        for attribute, (captions, truth) in variants(obj, names[row][col], config).items():
+        image_feature = model.project_image(image)
+        for attribute, (captions, truth) in variants(sample.scene.objects[0], config).items():
             text = processor(text=captions, return_tensors="pt", padding=True)
             tokens = model.encode_text(text["input_ids"], text["attention_mask"]).last_hidden_state
-            itc = (model.project_image(image) @ model.project_text(tokens).T)[0]
+            itc = (image_feature @ model.project_text(tokens).T)[0]
             itm = model.rank(image, tokens, text["attention_mask"], k=len(captions)).scores_i2t[0]
             hits.setdefault(f"{attribute}_itc", []).append(int(itc.argmax()) == truth)
             hits.setdefault(f"{attribute}_itm", []).append(int(itm.argmax()) == truth)
@@ -85,9 +89,7 @@ def main() -> None:
     model = AlbefForPreTraining.from_pretrained(args.model).eval()
     processor = AlbefProcessor.from_pretrained(args.model)
     result = probe(model, processor, args.scenes, args.seed)
-    world = SyntheticWorldConfig()
-    counts = {"colour": len(world.colour_names), "shape": len(world.shapes), "size": len(SIZES)}
-    chance = {**{name: 100 / count for name, count in counts.items()}, "position": 100 / world.grid_size**2}
+    chance = {name: 100 / len(values) for name, values in attribute_values(SyntheticWorldConfig()).items()}
     print(
         f"{'attribute':<10} {'ITC':>6} {'ITM':>6} {'chance':>7}   ({args.scenes} held-out single-object scenes)"
     )
