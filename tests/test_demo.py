@@ -13,6 +13,7 @@ from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render
 from albef_hf.demo.__main__ import main, parse_args
 from albef_hf.demo.config import RECIPES
 from albef_hf.demo.data import SPECIAL_TOKENS, SyntheticPairs, synthetic_tokenizer, synthetic_vocabulary
+from albef_hf.demo.run import build_model
 
 
 def test_vocabulary_covers_the_world_and_is_deterministic():
@@ -56,6 +57,19 @@ def test_command_line_sets_any_field():
     for bad in (["--set", "no_such_field=1"], ["--set", "distill=maybe"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_conv_stem_from_the_command_line():
+    tokenizer = synthetic_tokenizer(SyntheticWorldConfig(), seed=0)
+    assert build_model(parse_args([]), tokenizer).config.vision_config.conv_stem_channels is None
+    config = parse_args(["--set", "patch_size=8", "conv_stem_channels=16,32"])
+    model = build_model(config, tokenizer)
+    assert model.config.vision_config.conv_stem_channels == [16, 32]
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    # 8-px patches of 64-px images: an 8 x 8 grid after the two stride-2 convolutions and the 2 x 2 projection
+    assert model.encode_image(pixels).last_hidden_state.shape == (2, 1 + 64, config.hidden_size)
+    with pytest.raises(ValueError, match="comma-separated channel counts"):
+        build_model(parse_args(["--set", "conv_stem_channels=32;64"]), tokenizer)
 
 
 def test_short_demo_end_to_end(tmp_path):

@@ -14,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser = argparse.ArgumentParser(
         prog="python -m albef_hf.demo",
         description="Pretrain a small ALBEF on the built-in synthetic world (no download), evaluate zero-shot "
-        "retrieval on held-out scenes, save the model and write a report. Defaults: about seven minutes on "
+        "retrieval on held-out scenes, save the model and write a report. Defaults: about six minutes on "
         "two CPU cores.",
     )
     parser.add_argument("--output-dir", default=defaults.output_dir, help="where the model and the report go")
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         "--max-steps",
         type=int,
         default=defaults.max_steps,
-        help="optimizer steps at scale 1 (default: 1000 where bf16 is native, 1100 in fp32)",
+        help="optimizer steps at scale 1 (default: 1000 where bf16 is native, 1450 in fp32)",
     )
     parser.add_argument(
         "--time-budget-minutes",

@@ -37,8 +37,11 @@ class DemoConfig:
     noisy_caption_fraction: float = 0.1
     eval_images: int = 500
 
-    # model: a ViT on 16-px patches and a BERT whose upper half fuses the image, over the world's own words
+    # model: a ViT on 16-px patches and a BERT whose upper half fuses the image, over the world's own words;
+    # `conv_stem_channels` ("32,64,128": stride-2 3x3 convolutions before the patch projection, empty for none)
+    # is the vision tower that learns shapes from little data (benchmarks/probe_vision_supervised.py)
     patch_size: int = 16
+    conv_stem_channels: str = ""
     hidden_size: int = 128
     vision_layers: int = 4
     text_layers: int = 4
@@ -90,6 +93,19 @@ class DemoConfig:
         if not self.max_steps:
             raise ValueError("max_steps is 0 (the recipe's): call with_recipe(bf16) first")
         return max(1, round(self.max_steps * self.scale))
+
+    @property
+    def stem_channels(self) -> list[int] | None:
+        """`conv_stem_channels` as `AlbefVisionConfig` takes it (None: no stem)."""
+        if not self.conv_stem_channels:
+            return None
+        try:
+            return [int(channels) for channels in self.conv_stem_channels.split(",")]
+        except ValueError:
+            raise ValueError(
+                "conv_stem_channels takes comma-separated channel counts such as 32,64,128, got "
+                f"{self.conv_stem_channels!r}"
+            ) from None
 
     def with_recipe(self, bf16: bool) -> DemoConfig:
         """This config with `batch_size`, `max_steps` and `learning_rate` left at 0 taken from `RECIPES[bf16]`."""

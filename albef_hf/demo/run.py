@@ -59,6 +59,7 @@ def build_model(demo: DemoConfig, tokenizer) -> AlbefForPreTraining:
         intermediate_size=demo.intermediate_size,
         image_size=demo.image_size,
         patch_size=demo.patch_size,
+        conv_stem_channels=demo.stem_channels,
     )
     text = AlbefTextConfig(
         vocab_size=len(tokenizer),
