@@ -3,8 +3,9 @@
 
 For held-out scenes with a single object, the model scores the caption "a {size} {colour} {shape} at the
 {position}" against the same caption with one attribute replaced by each other value (8 colours, 6 shapes,
-2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match logit.
-Chance is 1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in
+2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match logit;
+for the one-word attributes (colour, shape, size) also by MLM: the attribute's word masked in the true caption,
+the value with the highest MLM score at the mask (the fusion layers reading the image). Chance is 1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in
 many ways at once); this shows which.
 
     python benchmarks/probe_attributes.py --model outputs/demo/model
@@ -54,6 +55,21 @@ def variants(obj, config: SyntheticWorldConfig) -> dict[str, tuple[list[str], in
     return probes
 
 
+# the word of each single-word attribute in "a {size} {colour} {shape} at the {position}"
+MLM_WORD = {"size": 1, "colour": 2, "shape": 3}
+
+
+def mlm_scores(
+    model: AlbefForPreTraining, tokenizer, caption: str, word: int, image: torch.Tensor
+) -> torch.Tensor:
+    """MLM scores `(vocab,)` of `caption` with its `word`-th word masked, read with `image`."""
+    words = caption.split()
+    words[word] = tokenizer.mask_token
+    text = tokenizer(" ".join(words), return_tensors="pt")
+    logits = model.mlm_logits_at(text["input_ids"], text["attention_mask"], image)[0]
+    return logits[int((text["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0])]
+
+
 @torch.no_grad()
 def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, seed: int) -> dict[str, float]:
     config = SyntheticWorldConfig(image_size=model.config.image_size)
@@ -75,6 +91,10 @@ def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, se
             itm = model.rank(image, tokens, text["attention_mask"], k=len(captions)).scores_i2t[0]
             hits.setdefault(f"{attribute}_itc", []).append(int(itc.argmax()) == truth)
             hits.setdefault(f"{attribute}_itm", []).append(int(itm.argmax()) == truth)
+            if attribute in MLM_WORD:
+                scores = mlm_scores(model, processor.tokenizer, captions[truth], MLM_WORD[attribute], image)
+                options = processor.tokenizer.convert_tokens_to_ids(attribute_values(config)[attribute])
+                hits.setdefault(f"{attribute}_mlm", []).append(int(scores[options].argmax()) == truth)
     return {name: round(100 * float(np.mean(values)), 1) for name, values in hits.items()}
 
 
@@ -91,11 +111,14 @@ def main() -> None:
     result = probe(model, processor, args.scenes, args.seed)
     chance = {name: 100 / len(values) for name, values in attribute_values(SyntheticWorldConfig()).items()}
     print(
-        f"{'attribute':<10} {'ITC':>6} {'ITM':>6} {'chance':>7}   ({args.scenes} held-out single-object scenes)"
+        f"{'attribute':<10} {'ITC':>6} {'ITM':>6} {'MLM':>6} {'chance':>7}   ({args.scenes} held-out "
+        "single-object scenes)"
     )
     for attribute, level in chance.items():
+        mlm = result.get(attribute + "_mlm", "-")
         print(
-            f"{attribute:<10} {result[attribute + '_itc']:>6} {result[attribute + '_itm']:>6} {level:>7.1f}"
+            f"{attribute:<10} {result[attribute + '_itc']:>6} {result[attribute + '_itm']:>6} {mlm:>6} "
+            f"{level:>7.1f}"
         )
     print(json.dumps(result))
 
