@@ -5,8 +5,9 @@ For held-out scenes with a single object, the model scores the caption "a {size}
 {position}" against the same caption with one attribute replaced by each other value (8 colours, 6 shapes,
 2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match logit;
 for the one-word attributes (colour, shape, size) also by MLM: the attribute's word masked in the true caption,
-the value with the highest MLM score at the mask (the fusion layers reading the image). Chance is 1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in
-many ways at once); this shows which.
+the value with the highest MLM score at the mask (the fusion layers reading the image). Chance is
+1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in many ways
+at once); this shows which.
 
     python benchmarks/probe_attributes.py --model outputs/demo/model
     python benchmarks/probe_attributes.py --model outputs/demo/model --scenes 400 --seed 0
@@ -22,6 +23,7 @@ import json
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from albef_hf import AlbefForPreTraining, AlbefProcessor
 from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
@@ -60,7 +62,11 @@ MLM_WORD = {"size": 1, "colour": 2, "shape": 3}
 
 
 def mlm_scores(
-    model: AlbefForPreTraining, tokenizer, caption: str, word: int, image: torch.Tensor
+    model: AlbefForPreTraining,
+    tokenizer: PreTrainedTokenizerBase,
+    caption: str,
+    word: int,
+    image: torch.Tensor,
 ) -> torch.Tensor:
     """MLM scores `(vocab,)` of `caption` with its `word`-th word masked, read with `image`."""
     words = caption.split()
