@@ -55,14 +55,17 @@ def linear_probe_accuracy(
 
 @torch.no_grad()
 def image_tokens(model: AlbefModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The image encoder's output tokens `(images, 1 + patches, width)`, [CLS] first."""
     return torch.cat([model.encode_image(chunk).last_hidden_state for chunk in pixels.split(250)])
 
 
 def probe(model: AlbefModel, train: tuple, test: tuple, spread_images: int) -> dict[str, float]:
+    """The figures of the module docstring for `model` on (pixels, shapes, cells) training and test scenes."""
     model.eval()
     train_tokens, test_tokens = image_tokens(model, train[0]), image_tokens(model, test[0])
     spread = test_tokens[:spread_images].std(0).mean().item()
     patches = train_tokens.shape[1] - 1
+    # every patch token of a third of the training scenes is a sample (tens of thousands already)
     own_train = train_tokens[: len(train_tokens) // 3, 1:]
     own_test = test_tokens[:, 1:]
     vision = model.vision_model
