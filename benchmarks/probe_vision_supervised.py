@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Can a vision tower learn shapes and positions from a few thousand images? A supervised probe.
 
-Each variant is the demo's ViT (width 128, 4 layers, 4 heads, MLP 512, 64-px images, initialiser std 0.05) with
-its own patch size and convolutional stem, trained from scratch with a linear head on its [CLS] state to
+Each variant is the demo's ViT (width 128, 4 layers, 4 heads, MLP 512, initialiser std 0.05; 64-px images by
+default) with its own patch size and convolutional stem, trained from scratch with a linear head on its [CLS] state to
 classify the shape (6 classes) and the grid cell (9) of the single object of synthetic-world scenes: AdamW (weight
 decay 0.02), 5% warm-up then cosine, batches drawn from a fixed training set of rendered scenes. It prints the
 held-out accuracies along the way and the seconds per step, and their ratio to the first variant's, all from
@@ -34,8 +34,6 @@ from albef_hf import AlbefVisionConfig
 from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
 from albef_hf.image_processing_albef import AlbefImageProcessor
 from albef_hf.modeling_albef import AlbefVisionModel
-
-IMAGE_SIZE = 64
 
 
 def single_object_scenes(
@@ -76,7 +74,7 @@ def train_variant(
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=512,
-        image_size=IMAGE_SIZE,
+        image_size=args.image_size,
         patch_size=patch,
         conv_stem_channels=stem,
         initializer_range=0.05,
@@ -128,7 +126,7 @@ def train_variant(
             print(f"  {variant:>14}  step {step:5d}  shape {shape:5.1f}  position {cell:5.1f}", flush=True)
     return {
         "variant": variant,
-        "tokens": (IMAGE_SIZE // patch) ** 2,
+        "tokens": (args.image_size // patch) ** 2,
         "s_per_step": compute / args.steps,
         "history": history,
     }
@@ -137,6 +135,9 @@ def train_variant(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["16", "16:32,64,128", "8", "8:32,64,128"])
+    parser.add_argument(
+        "--image-size", type=int, default=64, help="side of the rendered scenes (the demo's: 64)"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
@@ -147,8 +148,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    world = SyntheticWorldConfig(image_size=IMAGE_SIZE)
-    processor = AlbefImageProcessor(size=IMAGE_SIZE)
+    world = SyntheticWorldConfig(image_size=args.image_size)
+    processor = AlbefImageProcessor(size=args.image_size)
     train = single_object_scenes(world, "train", args.train_scenes, args.seed, processor)
     test = single_object_scenes(world, "test", args.test_scenes, args.seed, processor)
     print(
