@@ -3,9 +3,9 @@
 
 For held-out scenes with a single object, the model scores the caption "a {size} {colour} {shape} at the
 {position}" against the same caption with one attribute replaced by each other value (8 colours, 6 shapes,
-2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match logit;
-for the one-word attributes (colour, shape, size) also by MLM: the attribute's word masked in the true caption,
-the value with the highest MLM score at the mask (the fusion layers reading the image). Chance is
+2 sizes, 9 positions) and we count how often the true caption wins, by ITC similarity and by the ITM match
+logit; for the one-word attributes (colour, shape, size) also by MLM: the attribute's word masked in the true
+caption, the value with the highest MLM score at the mask (the fusion layers reading the image). Chance is
 1 / (number of values). Retrieval can be good while one attribute is hardly seen (captions differ in many ways
 at once); this shows which.
 
@@ -19,14 +19,16 @@ held-out layouts.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import numpy as np
 import torch
+from probe_vision_supervised import single_object_samples
 from transformers import PreTrainedTokenizerBase
 
 from albef_hf import AlbefForPreTraining, AlbefProcessor
-from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
+from albef_hf.data.synthetic import SyntheticWorldConfig, render_scene
 from albef_hf.data.synthetic.config import POSITION_NAMES, SIZES
 from albef_hf.data.synthetic.language import position_name
 
@@ -41,12 +43,15 @@ def attribute_values(config: SyntheticWorldConfig) -> dict[str, list[str]]:
     }
 
 
-def variants(obj, config: SyntheticWorldConfig) -> dict[str, tuple[list[str], int]]:
-    """Per attribute: the captions with each of its values (the true one among them) and the true one's index."""
+def variants(
+    obj, config: SyntheticWorldConfig, values: dict[str, list[str]]
+) -> dict[str, tuple[list[str], int]]:
+    """Per attribute: the captions with each of its `values` (the true one among them), and the true one's
+    index."""
     position = position_name(obj.cell, config.grid_size)
     truth = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": position}
     probes = {}
-    for attribute, options in attribute_values(config).items():
+    for attribute, options in values.items():
         captions = []
         for option in options:
             words = {**truth, attribute: option}
@@ -79,18 +84,14 @@ def mlm_scores(
 @torch.no_grad()
 def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, seed: int) -> dict[str, float]:
     config = SyntheticWorldConfig(image_size=model.config.image_size)
+    values = attribute_values(config)
+    mlm_options = {name: processor.tokenizer.convert_tokens_to_ids(values[name]) for name in MLM_WORD}
     hits: dict[str, list[bool]] = {}
-    index = found = 0
-    while found < scenes:
-        sample = caption_sample(config, seed, "test", index, noisy=False)
-        index += 1
-        if len(sample.scene.objects) != 1:
-            continue
-        found += 1
+    for sample in itertools.islice(single_object_samples(config, "test", seed), scenes):
         pixels = processor(images=render_scene(sample.scene), return_tensors="pt")["pixel_values"]
         image = model.encode_image(pixels).last_hidden_state
         image_feature = model.project_image(image)
-        for attribute, (captions, truth) in variants(sample.scene.objects[0], config).items():
+        for attribute, (captions, truth) in variants(sample.scene.objects[0], config, values).items():
             text = processor(text=captions, return_tensors="pt", padding=True)
             tokens = model.encode_text(text["input_ids"], text["attention_mask"]).last_hidden_state
             itc = (image_feature @ model.project_text(tokens).T)[0]
@@ -99,8 +100,8 @@ def probe(model: AlbefForPreTraining, processor: AlbefProcessor, scenes: int, se
             hits.setdefault(f"{attribute}_itm", []).append(int(itm.argmax()) == truth)
             if attribute in MLM_WORD:
                 scores = mlm_scores(model, processor.tokenizer, captions[truth], MLM_WORD[attribute], image)
-                options = processor.tokenizer.convert_tokens_to_ids(attribute_values(config)[attribute])
-                hits.setdefault(f"{attribute}_mlm", []).append(int(scores[options].argmax()) == truth)
+                picked = int(scores[mlm_options[attribute]].argmax())
+                hits.setdefault(f"{attribute}_mlm", []).append(picked == truth)
     return {name: round(100 * float(np.mean(values)), 1) for name, values in hits.items()}
 
 

@@ -4,14 +4,15 @@
 For any ALBEF checkpoint of the synthetic world (a demo model, a fine-tuned VQA model, ...), three figures:
 
 - `spread`: how much the image encoder's output depends on the image: the standard deviation across images of
-  each output token dimension, averaged (the tokens are LayerNorm outputs, overall standard deviation about 1).
+  each output token dimension, averaged (the tokens are LayerNorm outputs: overall standard deviation
+  about 1).
   A tower that a task has taught to ignore its input ("collapsed") has a spread near 0.
 - `cell_from_grid`: a linear probe (logistic regression, fit on training scenes, scored on held-out ones) that
   finds the object's grid cell from all output tokens together: the token grid says where the object is.
 - `position_from_token`: a linear probe that tells each patch token's own position from that token's vector
-  alone. Attention reads a weighted sum of token vectors, so this is the position that cross-attention can pass
-  on; chance is one over the number of patches. With it, the mean norms of the position embeddings and of the
-  patch embeddings (the two terms the ViT adds at its input).
+  alone. Attention reads a weighted sum of token vectors, so this is the position that cross-attention can
+  pass on; chance is one over the number of patches. With it, the mean norms of the position embeddings and
+  of the patch embeddings (the two terms the ViT adds at its input).
 
     python benchmarks/probe_image_tokens.py --model outputs/demo/model
     python benchmarks/probe_image_tokens.py --model out/vqa --init   # also a fresh model of the same config

@@ -2,15 +2,15 @@
 """Can a vision tower learn shapes and positions from a few thousand images? A supervised probe.
 
 Each variant is the demo's ViT (width 128, 4 layers, 4 heads, MLP 512, initialiser std 0.05; 64-px images by
-default) with its own patch size and convolutional stem, trained from scratch with a linear head on its [CLS] state to
-classify the shape (6 classes) and the grid cell (9) of the single object of synthetic-world scenes: AdamW (weight
-decay 0.02), 5% warm-up then cosine, batches drawn from a fixed training set of rendered scenes. It prints the
-held-out accuracies along the way and the seconds per step, and their ratio to the first variant's, all from
-the same run.
+default) with its own patch size and convolutional stem, trained from scratch with a linear head on its [CLS]
+state to classify the shape (6 classes) and the grid cell (9) of the single object of synthetic-world scenes:
+AdamW (weight decay 0.02), 5% warm-up then cosine, batches drawn from a fixed training set of rendered scenes.
+It prints the held-out accuracies along the way and the seconds per step, and their ratio to the first
+variant's, all from the same run.
 
 This separates what a tower *can* learn from what a task's objective makes it learn: ALBEF's objectives reach
-the vision tower only through contrastive and cross-attention signals, so a tower that cannot learn shapes even
-when it is told them directly cannot learn them from captions or questions either.
+the vision tower only through contrastive and cross-attention signals, so a tower that cannot learn shapes
+even when it is told them directly cannot learn them from captions or questions either.
 
     python benchmarks/probe_vision_supervised.py                       # the four variants below
     python benchmarks/probe_vision_supervised.py --variants 16 8:32,64,128 --steps 2000
@@ -22,9 +22,11 @@ projection, `vision_config.conv_stem_channels`). Chance is 16.7 (shape) and 11.1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +34,29 @@ from torch import nn
 
 from albef_hf import AlbefVisionConfig
 from albef_hf.data.synthetic import SyntheticWorldConfig, caption_sample, render_scene
+from albef_hf.data.synthetic.tasks import CaptionSample
 from albef_hf.image_processing_albef import AlbefImageProcessor
 from albef_hf.modeling_albef import AlbefVisionModel
+
+
+def single_object_samples(world: SyntheticWorldConfig, split: str, seed: int) -> Iterator[CaptionSample]:
+    """The caption samples of the world's `split` whose scene holds a single object, in order."""
+    for index in itertools.count():
+        sample = caption_sample(world, seed, split, index, noisy=False)
+        if len(sample.scene.objects) == 1:
+            yield sample
 
 
 def single_object_scenes(
     world: SyntheticWorldConfig, split: str, count: int, seed: int, processor: AlbefImageProcessor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`count` scenes of one object of the world's `split`: pixels, shape index, grid-cell index."""
-    images, shapes, cells = [], [], []
-    index = 0
-    while len(images) < count:
-        sample = caption_sample(world, seed, split, index, noisy=False)
-        index += 1
-        if len(sample.scene.objects) != 1:
-            continue
-        obj = sample.scene.objects[0]
-        images.append(render_scene(sample.scene))
-        shapes.append(world.shapes.index(obj.shape))
-        cells.append(obj.cell[0] * world.grid_size + obj.cell[1])
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    return pixels, torch.tensor(shapes), torch.tensor(cells)
+    samples = list(itertools.islice(single_object_samples(world, split, seed), count))
+    objects = [sample.scene.objects[0] for sample in samples]
+    pixels = processor(images=[render_scene(sample.scene) for sample in samples], return_tensors="pt")
+    shapes = torch.tensor([world.shapes.index(obj.shape) for obj in objects])
+    cells = torch.tensor([obj.cell[0] * world.grid_size + obj.cell[1] for obj in objects])
+    return pixels["pixel_values"], shapes, cells
 
 
 def parse_variant(text: str) -> tuple[int, list[int] | None]:
@@ -64,7 +68,7 @@ def train_variant(
     variant: str,
     train: tuple[torch.Tensor, ...],
     test: tuple[torch.Tensor, ...],
-    num_cells: int,
+    world: SyntheticWorldConfig,
     args: argparse.Namespace,
 ) -> dict:
     patch, stem = parse_variant(variant)
@@ -80,7 +84,7 @@ def train_variant(
         initializer_range=0.05,
     )
     tower = AlbefVisionModel(config)
-    num_shapes = int(train[1].max()) + 1
+    num_shapes, num_cells = len(world.shapes), world.grid_size**2
     head = nn.Linear(config.hidden_size, num_shapes + num_cells)
     parameters = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.02)
@@ -153,19 +157,19 @@ def main() -> None:
     train = single_object_scenes(world, "train", args.train_scenes, args.seed, processor)
     test = single_object_scenes(world, "test", args.test_scenes, args.seed, processor)
     print(
-        f"{args.train_scenes} training / {args.test_scenes} held-out single-object scenes, {args.steps} steps of "
-        f"{args.batch_size}; chance: shape {100 / len(world.shapes):.1f}, position {100 / world.grid_size**2:.1f}"
+        f"{args.train_scenes} training / {args.test_scenes} held-out single-object scenes, "
+        f"{args.steps} steps of {args.batch_size}; chance: shape {100 / len(world.shapes):.1f}, "
+        f"position {100 / world.grid_size**2:.1f}"
     )
-    results = [train_variant(v, train, test, world.grid_size**2, args) for v in args.variants]
+    results = [train_variant(v, train, test, world, args) for v in args.variants]
     base = results[0]["s_per_step"]
     print("\n| variant (patch[:stem]) | tokens | held-out shape | held-out position | s / step vs first |")
     print("|---|---|---|---|---|")
     for result in results:
         last = result["history"][-1]
         ratio = result["s_per_step"] / base
-        print(
-            f"| {result['variant']} | {result['tokens']} | {last['shape']} | {last['position']} | {ratio:.2f}x |"
-        )
+        cells = f"{result['variant']} | {result['tokens']} | {last['shape']} | {last['position']}"
+        print(f"| {cells} | {ratio:.2f}x |")
     print(json.dumps(results))
 
 

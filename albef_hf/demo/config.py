@@ -8,11 +8,12 @@ from typing import Any
 __all__ = ["RECIPES", "DemoConfig"]
 
 
-# (batch size, optimizer steps, peak learning rate) of the demo's training, by whether it trains in bf16. Where
-# bf16 is native (a CPU with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs at 1e-3: 34-35 TFLOP, zero-shot
-# TR/IR@1 about 74/71. In fp32, 1450 steps of 24 pairs at 7e-4: 19-20 TFLOP for TR/IR@1 62-65/57-63 over seeds
-# 0-2 (at equal compute, smaller batches and more steps learn faster: 1100 x 32 gave 59-62/58-62, 550 x 64
-# 35.6/33.3; at batch 24 a peak of 1e-3 left seed 1 at 60.2/54.6), see benchmarks/demo_compute.md.
+# (batch size, optimizer steps, peak learning rate) of the demo's training, by whether it trains in bf16.
+# Where bf16 is native (a CPU with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs at 1e-3: 34-35 TFLOP,
+# zero-shot TR/IR@1 about 74/71. In fp32, 1450 steps of 24 pairs at 7e-4: 19-20 TFLOP for TR/IR@1
+# 62-65/57-63 over seeds 0-2 (at equal compute, smaller batches and more steps learn faster: 1100 x 32 gave
+# 59-62/58-62, 550 x 64 35.6/33.3; at batch 24 a peak of 1e-3 left seed 1 at 60.2/54.6), see
+# benchmarks/demo_compute.md.
 RECIPES = {True: (64, 1000, 1e-3), False: (24, 1450, 7e-4)}
 
 
@@ -38,7 +39,7 @@ class DemoConfig:
     eval_images: int = 500
 
     # model: a ViT on 16-px patches and a BERT whose upper half fuses the image, over the world's own words;
-    # `conv_stem_channels` ("32,64,128": stride-2 3x3 convolutions before the patch projection, empty for none)
+    # `conv_stem_channels` ("32,64,128": stride-2 3x3 convolutions before the patch projection; empty: none)
     # is the vision tower that learns shapes from little data (benchmarks/probe_vision_supervised.py)
     patch_size: int = 16
     conv_stem_channels: str = ""
@@ -108,7 +109,8 @@ class DemoConfig:
             ) from None
 
     def with_recipe(self, bf16: bool) -> DemoConfig:
-        """This config with `batch_size`, `max_steps` and `learning_rate` left at 0 taken from `RECIPES[bf16]`."""
+        """This config with `batch_size`, `max_steps` and `learning_rate` left at 0 taken from
+        `RECIPES[bf16]`."""
         batch_size, max_steps, learning_rate = RECIPES[bf16]
         return replace(
             self,

@@ -123,7 +123,8 @@ def demo_processor(demo: DemoConfig, world: SyntheticWorldConfig) -> AlbefProces
 
 
 def with_recipe(demo: DemoConfig) -> DemoConfig:
-    """`demo` with the batch size, steps and learning rate of the recipe of the precision it will train in (`RECIPES`)."""
+    """`demo` with the batch size, steps and learning rate of the recipe of the precision it will train in
+    (`RECIPES`)."""
     policy = parse_bf16(demo.bf16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return demo.with_recipe(native_bf16_available(device) if policy == "auto" else policy)
