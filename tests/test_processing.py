@@ -103,6 +103,23 @@ def test_resize_normalise_values():
     torch.testing.assert_close(values, expected)
 
 
+def test_a_batch_equals_its_images_one_by_one():
+    # a batch of one size is normalised with one array operation per step: the same float32 values as alone
+    image_processor = AlbefImageProcessor(size=24)
+    images = [PIL.Image.new("RGB", (w, h), c) for w, h, c in ((24, 24, (9, 200, 77)), (40, 31, (255, 0, 3)))]
+    images.append(random_images(1)[0])
+    batch = image_processor(images)["pixel_values"]
+    assert batch.shape == (3, 3, 24, 24) and batch.is_contiguous()
+    for row, image in zip(batch, images, strict=True):
+        assert torch.equal(row, image_processor(image)["pixel_values"][0])
+    # without resizing, images of other sizes stay apart as arrays and cannot become one tensor
+    mixed = image_processor(images[:2], do_resize=False, return_tensors=None)["pixel_values"]
+    assert [array.shape for array in mixed] == [(3, 24, 24), (3, 31, 40)]
+    assert np.array_equal(mixed[0], batch[0].numpy())
+    with pytest.raises(ValueError, match="different sizes"):
+        image_processor(images[:2], do_resize=False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
