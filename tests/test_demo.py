@@ -36,6 +36,13 @@ def test_pairs_index_images_and_captions():
     sample = pairs[7]
     assert sample["image_id"] == 1 and sample["image"].size == (32, 32)
     assert sample["text"] == caption_sample(world, 0, "train", 1).captions[2]
+    # each image is generated once and kept; the rows are those generated on every access
+    uncached = SyntheticPairs(world, num_images=3, seed=0, cache=False)
+    for index in (7, 5, 7, 14):
+        kept, fresh = pairs[index], uncached[index]
+        assert kept["text"] == fresh["text"] and kept["image_id"] == fresh["image_id"]
+        assert kept["image"].tobytes() == fresh["image"].tobytes()
+    assert pairs[5]["image"] is pairs[7]["image"] and len(pairs._rows) == 2
     with pytest.raises(IndexError):
         pairs[15]
 
