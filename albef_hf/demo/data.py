@@ -74,10 +74,11 @@ class SyntheticPairs(Dataset):
     `{"image": PIL, "text": str, "image_id": int}`; a fraction `config.noisy_caption_fraction` of the captions
     is wrong or unrelated, as web captions are.
 
-    With `cache` (the default) each image and its captions are generated once and kept (about 13 kB per 64-px
-    image: 130 MB for the demo's 10,000), instead of once per caption: the demo's 1000 steps of 64 pairs read
-    each image 6.4 times, and generating a scene, its captions and its pixels was a tenth of a bf16 step. The
-    rows are the same either way (the world is a function of the seed and the index).
+    With `cache` (the default) each image and its captions are generated once and kept (about 17 kB per 64-px
+    image: 175 MiB for the demo's 10,000, measured), instead of once per caption: the demo's 1000 steps of 64
+    pairs read each image 6.4 times, and generating a scene, its captions and its pixels was a tenth of a bf16
+    step. The rows are the same either way (the world is a function of the seed and the index); with the cache
+    every read of an image returns the same PIL object, so a transform must not draw on it in place.
     """
 
     def __init__(
@@ -94,12 +95,11 @@ class SyntheticPairs(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
         image_index, caption = divmod(index, self.captions_per_image)
-        image, captions = (
-            self._rows.get(image_index, (None, None)) if self._rows is not None else (None, None)
-        )
-        if image is None:
+        kept = self._rows.get(image_index) if self._rows is not None else None
+        if kept is None:
             row = self.images[image_index]
-            image, captions = row["image"], tuple(row["captions"])
+            kept = row["image"], tuple(row["captions"])
             if self._rows is not None:
-                self._rows[image_index] = image, captions
+                self._rows[image_index] = kept
+        image, captions = kept
         return {"image": image, "text": captions[caption], "image_id": image_index}
