@@ -163,26 +163,22 @@ class AlbefImageProcessor(BaseImageProcessor):
             if settings["do_resize"] and (pil.width, pil.height) != (size["width"], size["height"]):
                 pil = pil.resize((size["width"], size["height"]), resample=self.resample)
             resized.append(np.asarray(pil))
+        rescale, normalize = settings["do_rescale"], settings["do_normalize"]
         # where the images share a size (always, when they are resized), one array operation per step for the
         # whole batch: 64 images of 64 px took 6 ms image by image, 1 ms at once. The same float32 operations.
         if len({array.shape for array in resized}) == 1:
-            pixels = self._rescale_normalize(
-                np.stack(resized), settings["do_rescale"], settings["do_normalize"]
-            )
-        else:
-            pixels = [
-                self._rescale_normalize(array[None], settings["do_rescale"], settings["do_normalize"])[0]
-                for array in resized
-            ]
-        if return_tensors is None:
-            return BatchFeature(data={"pixel_values": list(pixels)})
-        if isinstance(pixels, list):
-            sizes = sorted({array.shape[1:] for array in pixels})
+            pixels = self._rescale_normalize(np.stack(resized), rescale, normalize)
+            if return_tensors is None:
+                return BatchFeature(data={"pixel_values": list(pixels)})
+            return BatchFeature(data={"pixel_values": pixels}, tensor_type=return_tensors)
+        if return_tensors is not None:
+            sizes = sorted({array.shape[:2] for array in resized})
             raise ValueError(
                 f"images of different sizes {sizes} cannot form one tensor: resize them (do_resize=True) or "
                 "ask for arrays (return_tensors=None)"
             )
-        return BatchFeature(data={"pixel_values": pixels}, tensor_type=return_tensors)
+        pixels = [self._rescale_normalize(array[None], rescale, normalize)[0] for array in resized]
+        return BatchFeature(data={"pixel_values": pixels})
 
     def _rescale_normalize(self, images: np.ndarray, do_rescale: bool, do_normalize: bool) -> np.ndarray:
         """`(batch, height, width, 3)` uint8 -> `(batch, 3, height, width)` float32, rescaled and normalised.
