@@ -637,14 +637,17 @@ class AlbefPreTrainedModel(PreTrainedModel):
         image_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         first_token_only: bool = False,
         text_self_attended: bool = False,
+        needed_tokens: torch.Tensor | None = None,
     ) -> AlbefTextEncoderOutput:
         """Multimodal tokens: the fusion layers on unimodal text tokens, attending to the image tokens.
 
         Text row i reads image row i, or image row `image_index[i]` when an index is given (several texts
         sharing an image then share its cross-attention keys and values). `image_key_values`
         (`text_encoder.project_cross_key_values(image_embeds)`) replace `image_embeds` when the same images
-        serve several calls; `first_token_only` computes only the [CLS] state in the last layer;
-        `text_self_attended` says that `text_embeds` come from `text_encoder.fusion_self_attention`.
+        serve several calls; `first_token_only` computes only the [CLS] state in the last layer, and
+        `needed_tokens` (`(batch, seq_len)`, nonzero where the caller reads) only the states it marks, the
+        others left zero; `text_self_attended` says that `text_embeds` come from
+        `text_encoder.fusion_self_attention`.
         """
         return self.text_encoder(
             hidden_states=text_embeds,
@@ -656,6 +659,7 @@ class AlbefPreTrainedModel(PreTrainedModel):
             output_attentions=output_attentions,
             first_token_only=first_token_only,
             text_self_attended=text_self_attended,
+            needed_tokens=needed_tokens,
         )
 
 
@@ -731,12 +735,15 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         hard_negatives: tuple[torch.Tensor, torch.Tensor] | None,
         generator: torch.Generator | None,
         extra_positive_texts: torch.Tensor | None = None,
+        extra_needed_tokens: torch.Tensor | None = None,
     ) -> tuple[AlbefRetrievalOutput, torch.Tensor | None]:
         """ITC and ITM losses of a batch of pairs (image i, text i).
 
         `extra_positive_texts` `(batch, seq_len, hidden)` are more text states (with the same attention mask) to
         fuse with their own images in the same fusion pass as the ITM pairs; their fused states are returned
-        alongside (pretraining puts its MLM rows there).
+        alongside (pretraining puts its MLM rows there), computed only where `extra_needed_tokens` is nonzero
+        when it is given (and zero elsewhere). Of the ITM rows, the last fusion layer computes the [CLS] state
+        alone: the head reads nothing else.
         """
         batch_size = image_embeds.shape[0]
         image_feat = self.project_image(image_embeds)
@@ -782,12 +789,24 @@ class AlbefMatchingMixin(AlbefContrastiveMixin):
         texts = [text_embeds, text_embeds, text_embeds[negative_texts]]
         masks = [attention_mask, attention_mask, attention_mask[negative_texts]]
         images = [own, negative_images, own]
+        itm_reads = attention_mask.new_zeros(3 * batch_size, attention_mask.shape[1], dtype=torch.bool)
+        itm_reads[:, 0] = True  # the ITM head reads [CLS] alone
+        needed = [itm_reads]
         if extra_positive_texts is not None:
             texts.append(extra_positive_texts)
             masks.append(attention_mask)
             images.append(own)
+            needed.append(
+                torch.ones_like(attention_mask, dtype=torch.bool)
+                if extra_needed_tokens is None
+                else extra_needed_tokens.bool()
+            )
         fused = self.fuse(
-            torch.cat(texts), torch.cat(masks), image_embeds, image_index=torch.cat(images)
+            torch.cat(texts),
+            torch.cat(masks),
+            image_embeds,
+            image_index=torch.cat(images),
+            needed_tokens=torch.cat(needed),
         ).last_hidden_state
         itm_logits = self.itm_head(fused[: 3 * batch_size, 0, :])
         itm_labels = torch.cat(
@@ -1261,7 +1280,9 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         )
         mlm_scores = None
         if use_mlm:
-            fused = self.fuse(mlm_states, attention_mask, image_embeds).last_hidden_state
+            fused = self.fuse(
+                mlm_states, attention_mask, image_embeds, needed_tokens=mlm_labels != -100
+            ).last_hidden_state
             mlm_scores = self._mlm_scores(fused, mlm_labels)
         return AlbefTeacherOutput(
             image_feat=self.project_image(image_embeds),
@@ -1336,6 +1357,7 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
             hard_negatives,
             generator,
             extra_positive_texts=mlm_states,
+            extra_needed_tokens=mlm_labels != -100 if use_mlm else None,
         )
         output = AlbefPreTrainingOutput(**matching)
         if use_mlm:

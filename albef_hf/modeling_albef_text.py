@@ -270,20 +270,23 @@ class AlbefTextSelfAttention(nn.Module):
         key_value_index: torch.Tensor | None = None,
         projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         packing: TokenPacking | None = None,
+        key_value_packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `hidden_states` (packed by `packing` when given) to themselves, or to `key_value_states`
+        (packed by `key_value_packing` when given: the self-attention of a subset of a text's tokens)."""
         unpack = packing.unpack if packing is not None else (lambda states: states)
         query = self._heads(unpack(self.query(hidden_states)))
+        if key_value_states is None:
+            key_value_states, key_value_packing = hidden_states, packing
         if projected_key_value is not None:  # projected beforehand by `project_key_value`
             key, value = projected_key_value
-        elif packing is not None and key_value_states is None:
+        elif key_value_packing is not None:
             key, value = (
-                self._heads(unpack(self.key(hidden_states))),
-                self._heads(unpack(self.value(hidden_states))),
+                self._heads(key_value_packing.unpack(self.key(key_value_states))),
+                self._heads(key_value_packing.unpack(self.value(key_value_states))),
             )
         else:
-            key, value = self._cached_key_value(
-                hidden_states if key_value_states is None else key_value_states, cache
-            )
+            key, value = self._cached_key_value(key_value_states, cache)
         group = _group_size(key_value_index, key.shape[0]) if key_value_index is not None else None
         if group is not None and query.shape[2] == 1 and packing is None and not output_attentions:
             # one-token rows, `group` consecutive ones per key row (VQA candidates of one question): they attend as
@@ -376,6 +379,7 @@ class AlbefTextAttention(nn.Module):
         key_value_index: torch.Tensor | None = None,
         projected_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         packing: TokenPacking | None = None,
+        key_value_packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, probs = self.self(
             hidden_states,
@@ -386,6 +390,7 @@ class AlbefTextAttention(nn.Module):
             key_value_index,
             projected_key_value,
             packing,
+            key_value_packing,
         )
         return self.output(attended, hidden_states), probs
 
@@ -428,10 +433,18 @@ class AlbefTextLayer(GradientCheckpointingLayer):
         first_token_only: bool = False,
         self_attended: bool = False,
         packing: TokenPacking | None = None,
+        query_packing: TokenPacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One layer; with `first_token_only`, only the first token's state is computed (the others still serve
         as keys and values of the self-attention), which is all a head on [CLS] reads of the last layer; with
+        `query_packing`, only the states of its tokens are computed, and returned packed by it; with
         `self_attended`, `hidden_states` have been through this layer's self-attention already."""
+        all_tokens, all_packing = hidden_states, packing
+        if query_packing is not None:  # the queries: a subset of the tokens, which all stay keys and values
+            hidden_states = query_packing.pack(
+                hidden_states if packing is None else packing.unpack(hidden_states)
+            )
+            packing = query_packing
         if self_attended:
             self_probs = None
             if first_token_only:
@@ -442,7 +455,13 @@ class AlbefTextLayer(GradientCheckpointingLayer):
             )
         else:
             hidden_states, self_probs = self.attention(
-                hidden_states, attention_mask, None, output_attentions, cache=cache, packing=packing
+                hidden_states,
+                attention_mask,
+                None if query_packing is None else all_tokens,
+                output_attentions,
+                cache=cache,
+                packing=packing,
+                key_value_packing=all_packing,
             )
         cross_probs = None
         if self.has_cross_attention:
@@ -554,6 +573,7 @@ class AlbefTextModel(nn.Module):
         encoder_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         first_token_only: bool = False,
         text_self_attended: bool = False,
+        needed_tokens: torch.Tensor | None = None,
     ) -> AlbefTextEncoderOutput:
         """Run the layers of `mode`.
 
@@ -583,6 +603,10 @@ class AlbefTextModel(nn.Module):
                 `(batch, 1, hidden)`): what a head on [CLS] (ITM) reads, for about a third less work per layer.
             text_self_attended: with `mode="fusion"`, `hidden_states` come from `fusion_self_attention` (the first
                 fusion layer's self-attention, which reads no image), and that layer starts at its cross-attention.
+            needed_tokens: `(batch, seq_len)`, nonzero at the only positions of `last_hidden_state` that the caller
+                reads (the [CLS] of ITM rows, the masked tokens of MLM rows): the last layer computes those states
+                (and a few more, up to a multiple of 64), the others are zero. Every token still serves as a key
+                and value of that layer's self-attention, so the needed states equal a full pass's.
 
         In training mode (without a cache, attention maps, hidden states or `first_token_only` asked for), the layers
         compute only the real tokens (`TokenPacking`): the output is zero at padding positions, and equal elsewhere.
@@ -612,6 +636,19 @@ class AlbefTextModel(nn.Module):
             raise ValueError('text_self_attended applies to mode="fusion" only')
         if first_token_only and self.config.is_decoder:
             raise ValueError("first_token_only is for encoders: a decoder predicts at every position")
+        query_packing = None
+        if needed_tokens is not None:
+            if first_token_only or output_attentions or output_hidden_states or cache is not None:
+                raise ValueError(
+                    "needed_tokens leaves the other states uncomputed: it does not combine with first_token_only, "
+                    "output_attentions, output_hidden_states or a cache"
+                )
+            if needed_tokens.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"needed_tokens has shape {tuple(needed_tokens.shape)}; the texts are "
+                    f"{tuple(hidden_states.shape[:2])}"
+                )
+            query_packing = TokenPacking.of(needed_tokens)
         if encoder_key_values is not None:
             if encoder_hidden_states is not None:
                 raise ValueError("give the image tokens or their projected keys/values, not both")
@@ -662,6 +699,7 @@ class AlbefTextModel(nn.Module):
                 first_token_only=first_token_only and index == layers[-1],
                 self_attended=text_self_attended and index == layers[0],
                 packing=packing,
+                query_packing=query_packing if index == layers[-1] else None,
             )
             if output_attentions:
                 all_self.append(self_probs)
@@ -669,7 +707,9 @@ class AlbefTextModel(nn.Module):
                     all_cross.append(cross_probs)
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        if packing is not None:
+        if query_packing is not None:
+            hidden_states = query_packing.unpack(hidden_states)
+        elif packing is not None:
             hidden_states = packing.unpack(hidden_states)
         return AlbefTextEncoderOutput(
             last_hidden_state=hidden_states,

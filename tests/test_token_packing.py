@@ -98,3 +98,71 @@ def test_packed_rows_are_rounded_up_with_padding_positions():
     # a batch with fewer positions than the multiple packs them all
     short = TokenPacking.of(torch.tensor([[1, 1, 0], [1, 0, 0]]))
     assert short.index.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def _fuse_inputs(generator: torch.Generator, padded: bool):
+    batch, length = 6, 12
+    texts = torch.randn(batch, length, 32, generator=generator, requires_grad=True)
+    lengths = torch.tensor([12, 3, 7, 10, 5, 9]) if padded else torch.full((batch,), length)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    images = torch.randn(3, 17, 32, generator=generator)
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    needed = torch.zeros(batch, length, dtype=torch.bool)
+    needed[:3, 0] = True  # [CLS] of three rows, as ITM reads them
+    needed[3, [2, 5]] = needed[4, 1] = needed[5, [1, 3, 8]] = True  # masked tokens, as MLM reads them
+    return texts, mask, images, index, needed
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_needed_tokens_equal_the_full_fusion_where_read(monkeypatch, padded, training):
+    """The last fusion layer computes only the needed states: equal to the full pass there (values and the
+    gradients they send back), zero elsewhere, with fewer FLOPs."""
+    monkeypatch.setattr(TokenPacking, "row_multiple", 1)
+    torch.manual_seed(0)
+    model = AlbefForPreTraining(tiny_config()).train(training)
+    texts, mask, images, index, needed = _fuse_inputs(torch.Generator().manual_seed(4), padded)
+    results = []
+    for tokens in (needed, None):
+        texts.grad = None
+        with FlopCounterMode(display=False) as counter:
+            states = model.fuse(
+                texts, mask, images, image_index=index, needed_tokens=tokens
+            ).last_hidden_state
+            (states[needed] * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append((states, texts.grad.clone(), counter.get_total_flops()))
+    (states, grad, flops), (full, full_grad, full_flops) = results
+    torch.testing.assert_close(states[needed], full[needed], atol=1e-6, rtol=1e-5)
+    assert bool((states[~needed] == 0).all())
+    torch.testing.assert_close(grad, full_grad, atol=1e-6, rtol=1e-5)
+    assert flops < 0.85 * full_flops
+
+
+def test_pretraining_on_unpadded_texts_equals_the_full_fusion(monkeypatch):
+    """Without padding nothing is packed, and the ITM [CLS] / MLM masked-token selection alone changes the pass."""
+    torch.manual_seed(0)
+    model = AlbefForPreTraining(tiny_config()).train()
+    batch = _batch(torch.Generator().manual_seed(5))
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    selected, selected_grads, selected_flops = _run(model, batch)
+    fuse = AlbefForPreTraining.fuse
+    monkeypatch.setattr(
+        AlbefForPreTraining, "fuse", lambda self, *a, needed_tokens=None, **k: fuse(self, *a, **k)
+    )
+    full, full_grads, full_flops = _run(model, batch)
+    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits"):
+        torch.testing.assert_close(selected[name], full[name], atol=1e-6, rtol=1e-5)
+    assert selected_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(selected_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert selected_flops < 0.9 * full_flops
+
+
+def test_needed_tokens_refuse_what_they_cannot_give():
+    model = AlbefForPreTraining(tiny_config()).eval()
+    texts, mask, images, index, needed = _fuse_inputs(torch.Generator().manual_seed(6), True)
+    with pytest.raises(ValueError, match="needed_tokens has shape"):
+        model.fuse(texts, mask, images, image_index=index, needed_tokens=needed[:, :5])
+    for option in ("first_token_only", "output_attentions"):
+        with pytest.raises(ValueError, match="does not combine"):
+            model.fuse(texts, mask, images, image_index=index, needed_tokens=needed, **{option: True})
