@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_config
 
 from albef_hf import AlbefForPreTraining, AlbefModel
+from albef_hf.modeling_albef_text import _eager_attention
 
 
 def sub_config_implementations(model) -> set[str]:
@@ -57,3 +58,22 @@ def test_set_attn_implementation_reaches_every_sub_config_without_warnings(capfd
         assert "attn_implementation must be" in str(error)
     else:
         raise AssertionError("an unknown implementation was accepted")
+
+
+def test_eager_attention_in_bf16_gives_the_values_of_a_bf16_softmax():
+    """bf16 scores (autocast, or a bf16 model) go through a float32 softmax and back to the values' dtype: the
+    same probabilities and outputs as bf16's own softmax (which computes in float32 inside), and close gradients."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(8, 2, 17, 16, generator=generator).bfloat16() for _ in range(3))
+    query.requires_grad_()
+    module = torch.nn.Module().eval()
+    output, probs = _eager_attention(module, query, key, value, None, 0.25)
+    output.float().square().sum().backward()
+    reference_query = query.detach().clone().requires_grad_()
+    reference_probs = (torch.matmul(reference_query, key.transpose(-1, -2)) * 0.25).softmax(dim=-1)
+    reference = torch.matmul(reference_probs, value).transpose(1, 2)
+    reference.float().square().sum().backward()
+    assert probs.dtype == output.dtype == torch.bfloat16
+    torch.testing.assert_close(probs, reference_probs, atol=0, rtol=0)
+    torch.testing.assert_close(output, reference, atol=0, rtol=0)
+    torch.testing.assert_close(query.grad, reference_query.grad, atol=2e-2, rtol=2e-2)
