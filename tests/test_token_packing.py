@@ -113,14 +113,15 @@ def _fuse_inputs(generator: torch.Generator, padded: bool):
     return texts, mask, images, index, needed
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_needed_tokens_equal_the_full_fusion_where_read(monkeypatch, padded, training):
+def test_needed_tokens_equal_the_full_fusion_where_read(monkeypatch, padded, training, attention):
     """The last fusion layer computes only the needed states: equal to the full pass there (values and the
     gradients they send back), zero elsewhere, with fewer FLOPs."""
     monkeypatch.setattr(TokenPacking, "row_multiple", 1)
     torch.manual_seed(0)
-    model = AlbefForPreTraining(tiny_config()).train(training)
+    model = AlbefForPreTraining._from_config(tiny_config(), attn_implementation=attention).train(training)
     texts, mask, images, index, needed = _fuse_inputs(torch.Generator().manual_seed(4), padded)
     results = []
     for tokens in (needed, None):
