@@ -11,7 +11,7 @@ __all__ = ["RECIPES", "DemoConfig"]
 # (batch size, optimizer steps, peak learning rate) of the demo's training, by whether it trains in bf16.
 # Where bf16 is native (a CPU with AVX512-BF16 or AMX, a GPU), 1000 steps of 64 pairs at 1e-3: 28 TFLOP,
 # zero-shot TR/IR@1 about 74-77/71-74. In fp32, 1450 steps of 24 pairs at 7e-4: 16 TFLOP for TR/IR@1
-# 61-65/55-63 over seeds 0-2 (at equal compute, smaller batches and more steps learn faster: 1100 x 32 gave
+# 61-66/55-63 over seeds 0-2 (at equal compute, smaller batches and more steps learn faster: 1100 x 32 gave
 # 59-62/58-62, 550 x 64 35.6/33.3; at batch 24 a peak of 1e-3 left seed 1 at 60.2/54.6), see
 # benchmarks/demo_compute.md.
 RECIPES = {True: (64, 1000, 1e-3), False: (24, 1450, 7e-4)}
