@@ -39,6 +39,15 @@ def _run(model: AlbefForPreTraining, batch: dict):
     return out, grads, counter.get_total_flops()
 
 
+def _assert_same_step(out, grads, reference, reference_grads) -> None:
+    """The same losses, logits and parameter gradients as the reference step of `_run`."""
+    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits"):
+        torch.testing.assert_close(out[name], reference[name], atol=1e-6, rtol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("row_multiple", [1, 16])
 def test_packed_training_equals_padded(monkeypatch, row_multiple):
     torch.manual_seed(0)
@@ -49,17 +58,13 @@ def test_packed_training_equals_padded(monkeypatch, row_multiple):
     with monkeypatch.context() as patch:  # the padded computation, as when there is nothing to skip
         patch.setattr(TokenPacking, "of", classmethod(lambda cls, mask: None))
         padded, padded_grads, padded_flops = _run(model, batch)
-    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits"):
-        torch.testing.assert_close(packed[name], padded[name], atol=1e-6, rtol=1e-5)
+    _assert_same_step(packed, packed_grads, padded, padded_grads)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(packed.text_embeds[real], padded.text_embeds[real], atol=1e-6, rtol=1e-5)
     computed = (packed.text_embeds != 0).any(-1)
     assert bool(computed[real].all())
     # padding is not computed, but for the few filler rows that round the packed rows up to a multiple
     assert int(real.sum()) <= int(computed.sum()) < int(real.sum()) + row_multiple
-    assert packed_grads.keys() == padded_grads.keys()
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert packed_flops < 0.9 * padded_flops
 
 
@@ -151,11 +156,7 @@ def test_pretraining_on_unpadded_texts_equals_the_full_fusion(monkeypatch):
         AlbefForPreTraining, "fuse", lambda self, *a, needed_tokens=None, **k: fuse(self, *a, **k)
     )
     full, full_grads, full_flops = _run(model, batch)
-    for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_logits", "mlm_logits"):
-        torch.testing.assert_close(selected[name], full[name], atol=1e-6, rtol=1e-5)
-    assert selected_grads.keys() == full_grads.keys()
-    for name, grad in full_grads.items():
-        torch.testing.assert_close(selected_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_step(selected, selected_grads, full, full_grads)
     assert selected_flops < 0.9 * full_flops
 
 
