@@ -6,18 +6,18 @@ ARGS ?=
 
 .PHONY: setup demo test lint app
 
-# torch is installed first, by pip, and pinned here so that this machine's local CPU build is used (pip reads the
-# machine's configuration); the package itself only asks for a lower bound, so users elsewhere keep their own torch.
-# The rest goes through uv, which installs and compiles in parallel (about 40 s instead of 70 s for the demo's
-# set-up); uv does not read pip's configuration (a mirror, a certificate), so where it fails pip does the same
-# install. The demo needs only the package and its `demo` extra; the tests and the app add theirs (gradio,
-# playwright, faiss).
+# torch is installed first, by pip, and pinned here so that this machine's local CPU build is used (pip reads
+# the machine's configuration); the package itself only asks for a lower bound, so users elsewhere keep their own
+# torch. The rest goes through uv, which installs and compiles in parallel (about 40 s instead of 70 s for the
+# demo's set-up); uv does not read pip's configuration (a mirror, a certificate), so where it cannot be installed
+# or fails, pip does the same install. The demo needs only the package and its `demo` extra; the tests and the
+# app add theirs (gradio, playwright, faiss).
 UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode
 
 $(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0 uv
-	$(UV_INSTALL) -e ".[demo]" || $(BIN)/pip install --quiet -e ".[demo]"
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet uv && $(UV_INSTALL) -e ".[demo]" || $(BIN)/pip install --quiet -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-demo
