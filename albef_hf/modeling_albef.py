@@ -1252,10 +1252,9 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         states = self.encode_text(torch.cat([input_ids, mlm_input_ids]), torch.cat([attention_mask] * 2))
         return states.last_hidden_state.split(input_ids.shape[0])
 
-    def _mlm_scores(self, fused_states: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
-        return self.mlm_head(
-            fused_states[mlm_labels != -100], self.text_encoder.embeddings.word_embeddings.weight
-        )
+    def _mlm_scores(self, fused_states: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """MLM scores of the `masked` positions (`(batch, seq_len)` bool) of `fused_states`."""
+        return self.mlm_head(fused_states[masked], self.text_encoder.embeddings.word_embeddings.weight)
 
     @torch.no_grad()
     def compute_teacher_outputs(
@@ -1280,10 +1279,11 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
         )
         mlm_scores = None
         if use_mlm:
+            masked = mlm_labels != -100
             fused = self.fuse(
-                mlm_states, attention_mask, image_embeds, needed_tokens=mlm_labels != -100
+                mlm_states, attention_mask, image_embeds, needed_tokens=masked
             ).last_hidden_state
-            mlm_scores = self._mlm_scores(fused, mlm_labels)
+            mlm_scores = self._mlm_scores(fused, masked)
         return AlbefTeacherOutput(
             image_feat=self.project_image(image_embeds),
             text_feat=self.project_text(text_embeds),
@@ -1340,6 +1340,7 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
                 mlm_input_ids, mlm_labels = self.draw_mlm_masks(input_ids, generator)
             elif mlm_labels is None:
                 raise ValueError("`mlm_labels` must be given with `mlm_input_ids`")
+        masked = mlm_labels != -100 if use_mlm else None
         image_embeds = self.encode_image(pixel_values).last_hidden_state
         text_embeds, mlm_states = self._text_and_mlm_states(
             input_ids, attention_mask, mlm_input_ids if use_mlm else None
@@ -1357,12 +1358,11 @@ class AlbefForPreTraining(AlbefMatchingMixin, AlbefPreTrainedModel):
             hard_negatives,
             generator,
             extra_positive_texts=mlm_states,
-            extra_needed_tokens=mlm_labels != -100 if use_mlm else None,
+            extra_needed_tokens=masked,
         )
         output = AlbefPreTrainingOutput(**matching)
         if use_mlm:
-            masked = mlm_labels != -100
-            scores = self._mlm_scores(mlm_fused, mlm_labels)
+            scores = self._mlm_scores(mlm_fused, masked)
             teacher_scores = teacher_outputs.mlm_logits if teacher_outputs is not None else None
             if masked.any():
                 output.loss_mlm = mlm_loss(scores, mlm_labels[masked], teacher_scores, alpha)
