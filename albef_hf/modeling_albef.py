@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
@@ -397,6 +399,19 @@ class AlbefPreTrainingOutput(AlbefRetrievalOutput):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_model_source(name: str | os.PathLike) -> None:
+    """Refuse a model name that is neither an existing folder nor a possible Hub id, saying so (transformers
+    would otherwise complain about the form of a repo id, such as `outputs/demo/model` before it was made)."""
+    if os.path.isdir(name):
+        return
+    try:
+        validate_repo_id(os.fspath(name))
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"no folder {os.fspath(name)!r} (and it is not a Hub id either: {error})"
+        ) from error
+
+
 def _check_model_folder(folder: str, needs_config: bool = True) -> None:
     """Refuse a saved-model folder that cannot load, saying why (transformers would raise OSError, or the
     safetensors reader its own error type). `needs_config`: no config object was passed to `from_pretrained`."""
@@ -446,17 +461,20 @@ class AlbefPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.from_pretrained`, with clear errors for a damaged local folder.
 
         Raises:
-            FileNotFoundError: the folder has no config.json or no weights file.
+            FileNotFoundError: the folder has no config.json or no weights file, or a name that cannot be a
+                Hub id names no folder.
             ValueError: config.json is not a JSON object, a safetensors file is truncated or damaged, or the
                 weights do not have the shapes the config describes.
         """
         folder = pretrained_model_name_or_path
-        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
-            subfolder = kwargs.get("subfolder")
-            _check_model_folder(
-                os.path.join(folder, subfolder) if subfolder else os.fspath(folder),
-                needs_config=kwargs.get("config") is None,
-            )
+        if isinstance(folder, (str, os.PathLike)):
+            check_model_source(folder)
+            if os.path.isdir(folder):
+                subfolder = kwargs.get("subfolder")
+                _check_model_folder(
+                    os.path.join(folder, subfolder) if subfolder else os.fspath(folder),
+                    needs_config=kwargs.get("config") is None,
+                )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as error:

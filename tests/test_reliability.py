@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -117,6 +118,15 @@ def test_every_pipeline_called_from_8_threads_gives_the_sequential_results(folde
             assert_same(sequential, concurrent)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from error
+
+
+@pytest.mark.parametrize("name", ["outputs/demo/model", "./model", "../model"])
+def test_a_missing_folder_is_named_as_such(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no such folder exists
+    with pytest.raises(FileNotFoundError, match=f"no folder '{re.escape(name)}'"):
+        AlbefForPreTraining.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match=f"no folder '{re.escape(name)}'"):
+        AlbefForQuestionAnswering.from_pretrained_albef(name)
 
 
 def test_from_pretrained_names_what_is_wrong_with_a_damaged_folder(folders, tmp_path):
