@@ -7,11 +7,28 @@ BERT-base text side split into 6 text-only layers and 6 fusion layers with cross
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import PreTrainedConfig
 
 __all__ = ["AlbefConfig", "AlbefTextConfig", "AlbefVisionConfig"]
+
+
+def check_model_source(name: str | os.PathLike) -> None:
+    """Refuse a model name that is neither an existing folder (or file) nor a possible Hub id, saying so
+    (transformers would otherwise complain about the form of a repo id, such as `outputs/demo/model` before it
+    was made)."""
+    if os.path.exists(name):
+        return
+    try:
+        validate_repo_id(os.fspath(name))
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"no folder {os.fspath(name)!r} (and it is not a Hub id either: {error})"
+        ) from error
 
 
 class AlbefVisionConfig(PreTrainedConfig):
@@ -286,6 +303,13 @@ class AlbefConfig(PreTrainedConfig):
         if type(self).pipelines_registered:
             kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> AlbefConfig:
+        """`PreTrainedConfig.from_pretrained`; a name that is neither a folder nor a possible Hub id is a
+        `FileNotFoundError` naming it."""
+        check_model_source(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def fusion_layer(self) -> int:

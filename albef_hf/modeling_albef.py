@@ -19,8 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
@@ -30,7 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
+from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig, check_model_source
 from .losses import (
     contrastive_targets,
     distilled_targets,
@@ -397,19 +395,6 @@ class AlbefPreTrainingOutput(AlbefRetrievalOutput):
 # ----------------------------------------------------------------------------------------------
 # Base classes
 # ----------------------------------------------------------------------------------------------
-
-
-def check_model_source(name: str | os.PathLike) -> None:
-    """Refuse a model name that is neither an existing folder nor a possible Hub id, saying so (transformers
-    would otherwise complain about the form of a repo id, such as `outputs/demo/model` before it was made)."""
-    if os.path.isdir(name):
-        return
-    try:
-        validate_repo_id(os.fspath(name))
-    except HFValidationError as error:
-        raise FileNotFoundError(
-            f"no folder {os.fspath(name)!r} (and it is not a Hub id either: {error})"
-        ) from error
 
 
 def _check_model_folder(folder: str, needs_config: bool = True) -> None:

@@ -41,7 +41,6 @@ from .modeling_albef import (
     AlbefTeacherOutput,
     _subclasses,
     _use_return_dict,
-    check_model_source,
     interpolate_pos_embed,
 )
 from .modeling_albef_text import AlbefMLMHead, AlbefTextEncoderOutput, AlbefTextModel
@@ -206,7 +205,6 @@ def _weight_group(key: str) -> str:
 def _read_source(source: AlbefPreTrainedModel | str | os.PathLike, **load_kwargs) -> AlbefPreTrainedModel:
     if isinstance(source, AlbefPreTrainedModel):
         return source
-    check_model_source(source)
     config = AlbefConfig.from_pretrained(source, **load_kwargs)
     architecture = (config.architectures or ["AlbefForPreTraining"])[0]
     classes = {cls.__name__: cls for cls in _subclasses(AlbefPreTrainedModel)}

@@ -127,6 +127,16 @@ def test_a_missing_folder_is_named_as_such(name, tmp_path, monkeypatch):
         AlbefForPreTraining.from_pretrained(name)
     with pytest.raises(FileNotFoundError, match=f"no folder '{re.escape(name)}'"):
         AlbefForQuestionAnswering.from_pretrained_albef(name)
+    with pytest.raises(FileNotFoundError, match=f"no folder '{re.escape(name)}'"):
+        AlbefConfig.from_pretrained(name)
+
+
+def test_a_config_file_path_still_loads(folders):
+    config_file = folders["pretraining"] / "config.json"
+    assert (
+        AlbefConfig.from_pretrained(config_file).to_dict()
+        == AlbefConfig.from_pretrained(folders["pretraining"]).to_dict()
+    )
 
 
 def test_from_pretrained_names_what_is_wrong_with_a_damaged_folder(folders, tmp_path):
